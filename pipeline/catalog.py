@@ -1,0 +1,127 @@
+"""catalog.sql: the DuckDB views over a run directory, and read-only connections to it.
+
+Views: images, layers, predictions, embeddings (vec as FLOAT[] for every layer), one
+`embeddings_<layer>` view per layer with vec cast back to FLOAT[dim] (Parquet loses the
+fixed-size-list length) so that array_distance / array_cosine_distance work, cams, knn and
+errors. Paths are absolute, so `duckdb -init RUN/catalog.sql` works from any directory;
+featscope regenerates the file whenever it writes the run (and in memory on every
+connection, so a moved run still works).
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import duckdb
+
+from .config import UserError
+from .rundir import RunDir, layer_dir
+
+_EMPTY = {
+    "images": "SELECT NULL::BIGINT AS image_id, NULL::VARCHAR AS uri, NULL::INTEGER AS label, "
+              "NULL::VARCHAR AS label_name, NULL::VARCHAR AS split, NULL::INTEGER AS width, NULL::INTEGER AS height",
+    "predictions": "SELECT NULL::BIGINT AS image_id, NULL::VARCHAR AS view, NULL::INTEGER AS pred, NULL::FLOAT AS prob",
+    "embeddings": "SELECT NULL::VARCHAR AS layer, NULL::BIGINT AS image_id, NULL::VARCHAR AS view, NULL::FLOAT[] AS vec",
+    "knn": "SELECT NULL::VARCHAR AS layer, NULL::BIGINT AS query_id, NULL::INTEGER AS rank, "
+           "NULL::BIGINT AS neighbor_id, NULL::FLOAT AS distance",
+    "errors": "SELECT NULL::VARCHAR AS uri, NULL::VARCHAR AS stage, NULL::VARCHAR AS error, NULL::VARCHAR AS message",
+    "cams": "SELECT NULL::BIGINT AS image_id, NULL::VARCHAR AS view, NULL::INTEGER AS class, NULL::INTEGER AS height, "
+            "NULL::INTEGER AS width, NULL::FLOAT[] AS cam",
+}
+
+
+def _lit(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def view_name(layer: str) -> str:
+    return "embeddings_" + re.sub(r"[^0-9a-zA-Z]+", "_", layer).strip("_")
+
+
+def _glob(run: RunDir, *parts: str) -> str | None:
+    return _lit(os.path.join(run.p(*parts), "*.parquet")) if run.parquet_files(*parts) else None
+
+
+def catalog_sql(run: RunDir) -> str:
+    meta = run.read_meta()
+    layers = meta.get("layers", [])
+    out = [f"-- featscope catalog for {run.path}", "-- open with: duckdb -init " + run.p("catalog.sql"), ""]
+
+    def view(name: str, body: str | None) -> None:
+        out.append(f"CREATE OR REPLACE VIEW {name} AS {body if body else _EMPTY[name] + ' WHERE false'};")
+
+    g = _glob(run, "images")
+    view("images", g and f"SELECT image_id, uri, label, label_name, split, width, height FROM read_parquet({g})")
+    if layers:
+        rows = ", ".join(f"({_lit(l['name'])}, {_lit(l['alias'])}, {_lit(l['node'])}, {l['dim']}, {_lit(l['pooling'])})"
+                         for l in layers)
+        out.append(f"CREATE OR REPLACE VIEW layers AS SELECT * FROM (VALUES {rows}) t(layer, alias, node, dim, pooling);")
+    else:
+        out.append("CREATE OR REPLACE VIEW layers AS SELECT NULL::VARCHAR AS layer, NULL::VARCHAR AS alias, "
+                   "NULL::VARCHAR AS node, NULL::INTEGER AS dim, NULL::VARCHAR AS pooling WHERE false;")
+    present = [(l, _glob(run, "features", layer_dir(l["name"]))) for l in layers]
+    present = [(l, g) for l, g in present if g]
+    for l, g in present:
+        out.append(f"CREATE OR REPLACE VIEW {view_name(l['name'])} AS SELECT {_lit(l['name'])} AS layer, image_id, view, "
+                   f"vec::FLOAT[{l['dim']}] AS vec FROM read_parquet({g});")
+    view("embeddings", " UNION ALL ".join(
+        f"SELECT {_lit(l['name'])} AS layer, image_id, view, vec::FLOAT[] AS vec FROM read_parquet({g})"
+        for l, g in present) or None)
+    view("predictions", present and f"SELECT image_id, view, pred, prob FROM read_parquet({present[0][1]})")
+    g = _glob(run, "maps", "conv")
+    view("cams", g and f"SELECT image_id, view, class, height, width, cam::FLOAT[] AS cam FROM read_parquet({g})")
+    knn_layers = [k for k in meta.get("knn_layers", []) if run.parquet_files("knn", layer_dir(k))]
+    view("knn", " UNION ALL ".join(
+        f"SELECT layer, query_id, rank, neighbor_id, distance FROM read_parquet({_glob(run, 'knn', layer_dir(k))})"
+        for k in knn_layers) or None)
+    g = _glob(run, "errors")
+    view("errors", g and f"SELECT uri, stage, error, message FROM read_parquet({g})")
+    return "\n".join(out) + "\n"
+
+
+def write_catalog(run: RunDir) -> str:
+    from .rundir import _tmp_name
+
+    text = catalog_sql(run)
+    path = run.p("catalog.sql")
+    tmp = _tmp_name(path)
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def connect(run_path: str, locked: bool = True) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with the run's views; `locked`: confined to the run, read-only."""
+    run = RunDir(run_path)
+    if not run.exists():
+        raise UserError(f"not a featscope run (no run.json): {run_path}")
+    con = duckdb.connect(":memory:")
+    con.execute(catalog_sql(run))
+    if locked:
+        con.execute(f"SET allowed_directories=[{_lit(run.path + os.sep)}]")
+        con.execute("SET enable_external_access=false")
+        con.execute("SET lock_configuration=true")
+    return con
+
+
+_ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+
+
+def read_only_query(con: duckdb.DuckDBPyConnection, sql: str):
+    """Run one user query; anything but SELECT/EXPLAIN (COPY, ATTACH, INSTALL, SET, ...) is refused."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise UserError(f"SQL error: {str(exc).splitlines()[0]}") from None
+    if not statements:
+        raise UserError("no SQL statement given")
+    bad = [s for s in statements if s.type not in _ALLOWED]
+    if bad:
+        raise UserError(f"featscope sql runs queries only; refused a {bad[0].type.name} statement")
+    try:
+        for s in statements[:-1]:
+            con.execute(s.query)
+        return con.sql(statements[-1].query)
+    except duckdb.Error as exc:
+        raise UserError(f"SQL error: {str(exc).splitlines()[0]}") from None

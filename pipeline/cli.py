@@ -1,0 +1,216 @@
+"""The `featscope` command line."""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+
+from .config import STAGES, UserError, build_config
+from .progress import say, set_quiet
+
+
+def _add_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="featscope", description="Feature databases and continuity measures "
+                                 "for image networks.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run the pipeline (no arguments: the embedded default, end to end)")
+    r.add_argument("config", nargs="?", help="YAML config file")
+    r.add_argument("--data", help="ImageFolder dir, Parquet file/folder, or builtin:digits / builtin:shapes")
+    r.add_argument("--model", help="smallcnn or a torchvision architecture name")
+    r.add_argument("--weights", help="local state_dict / checkpoint (loaded with weights_only=True)")
+    r.add_argument("--layers", help="comma-separated: conv, conv:flat, conv:cam, penultimate, or node names")
+    r.add_argument("--image-size", type=int, dest="image_size")
+    r.add_argument("--out", help="run directory")
+    r.add_argument("--k", type=int)
+    r.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)}")
+    r.add_argument("--perturb", action="append", help="NAME=STRENGTH (repeatable)")
+    r.add_argument("--overwrite", action="store_true", default=None)
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
+    _add_format(r)
+
+    s = sub.add_parser("sql", help="run a read-only SQL query over a run's catalog")
+    s.add_argument("run")
+    s.add_argument("query")
+    _add_format(s)
+
+    t = sub.add_parser("train", help="train a model with cross-entropy and save a checkpoint")
+    t.add_argument("--data", required=True)
+    t.add_argument("--model", required=True)
+    t.add_argument("--out", required=True, help="checkpoint file to write")
+    t.add_argument("--image-size", type=int, dest="image_size")
+    t.add_argument("--epochs", type=int, dest="train_epochs")
+    t.add_argument("--lr", type=float, dest="train_lr")
+    t.add_argument("--batch-size", type=int, dest="train_batch_size")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _add_format(t)
+
+    st = sub.add_parser("status", help="which stages and shards of a run are finished")
+    st.add_argument("run")
+    _add_format(st)
+    return ap
+
+
+# ---- output ----------------------------------------------------------------------------
+def _jsonable(v):
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    if isinstance(v, (bytes, bytearray)):
+        return v.hex()
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if v is None or isinstance(v, (int, float, str, bool)):
+        return v
+    return str(v)
+
+
+def print_rows(columns: list[str], rows: list[tuple], fmt: str, out=None) -> None:
+    out = out or sys.stdout
+    if fmt == "json":
+        json.dump([{c: _jsonable(v) for c, v in zip(columns, r)} for r in rows], out, indent=1)
+        out.write("\n")
+    elif fmt == "csv":
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(columns)
+        w.writerows([[_jsonable(v) for v in r] for r in rows])
+    else:
+        def cell(v):
+            if isinstance(v, float):
+                return f"{v:.4g}"
+            s = str(_jsonable(v))
+            return s if len(s) <= 60 else s[:57] + "..."
+
+        cells = [[cell(v) for v in r] for r in rows]
+        widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+        out.write("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip() + "\n")
+        out.write("  ".join("-" * w for w in widths) + "\n")
+        for r in cells:
+            out.write("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() + "\n")
+
+
+# ---- commands --------------------------------------------------------------------------
+def cmd_run(a) -> int:
+    overrides = {k: getattr(a, k) for k in ("data", "model", "weights", "layers", "image_size", "out", "k",
+                                             "stages", "perturb", "overwrite")}
+    cfg = build_config(a.config, overrides, a.set)
+    from .runner import run_pipeline
+
+    summary = run_pipeline(cfg, quiet=a.format == "json")
+    if a.format == "json":
+        print(json.dumps(_jsonable(summary), indent=1))
+        return 0
+    run = summary["run"]
+    ing = summary.get("ingest") or {}
+    ext = summary.get("extract") or {}
+    print(f"run: {run}")
+    if ext:
+        rate = ext["rows"] / ext["seconds"] if ext.get("seconds") else float("nan")
+        print(f"extracted {ext['rows']} images x {len(cfg.layers)} layers ({ext['redone']} of {ext['shards']} "
+              f"shards computed now, {rate:.0f} img/s per replica)")
+    if ing:
+        print(f"{ing['rows']} images, {ing['errors'] + ext.get('errors', 0)} errors")
+    print("query it:")
+    print(f"  featscope sql {run} \"SELECT label_name, count(*) AS n, avg(prob) AS confidence "
+          f"FROM images JOIN predictions USING (image_id) GROUP BY 1 ORDER BY 1\"")
+    print(f"  duckdb -init {os.path.join(run, 'catalog.sql')}")
+    return 0
+
+
+def cmd_sql(a) -> int:
+    from .catalog import connect, read_only_query
+
+    con = connect(a.run)
+    rel = read_only_query(con, a.query)
+    if rel is None:
+        return 0
+    try:
+        columns, rows = rel.columns, rel.fetchall()
+    except Exception as exc:  # errors raised while fetching
+        raise UserError(f"SQL error: {str(exc).splitlines()[0]}") from None
+    print_rows(columns, rows, a.format)
+    return 0
+
+
+def cmd_train(a) -> int:
+    overrides = {k: getattr(a, k) for k in ("data", "model", "image_size", "train_epochs", "train_lr",
+                                             "train_batch_size")}
+    cfg = build_config(None, overrides, a.set)
+    from stages import ingest, train
+    from stages.images import BadImage, validate
+    from stages.models import check_model_name
+
+    check_model_name(cfg.model)
+    plan = ingest.plan(cfg.data, cfg.shard_size)
+    records, errors = [], 0
+    index = {c: i for i, c in enumerate(plan.classes)}
+    for shard in plan.shards:
+        for rec in ingest._records(shard):
+            try:
+                if rec.get("error"):
+                    raise rec["error"]
+                data, _, _ = validate(rec["bytes"], cfg.max_image_pixels, cfg.min_image_side)
+            except BadImage:
+                errors += 1
+                continue
+            records.append({"image_id": ingest.image_id(rec["key"]), "bytes": data,
+                            "label": index[rec["label_name"]], "split": rec["split"]})
+    from .progress import progress
+
+    metrics = train.train_records(cfg.model, records, plan.classes, cfg, a.out, progress)
+    metrics.update({"checkpoint": os.path.abspath(a.out), "skipped_images": errors})
+    if a.format == "json":
+        print(json.dumps(metrics))
+    else:
+        print(f"saved {a.out}: held-out accuracy {metrics['held_out_accuracy']:.4f} "
+              f"({metrics['train_images']} train / {metrics['held_out_images']} held-out, {errors} unusable images)")
+    return 0
+
+
+def cmd_status(a) -> int:
+    from .rundir import RunDir
+
+    run = RunDir(a.run)
+    if not run.exists():
+        raise UserError(f"not a featscope run (no run.json): {a.run}")
+    meta = run.read_meta()
+    rows = []
+    for stage in STAGES:
+        stats = run.read_stats(stage)
+        info = meta.get("stages", {}).get(stage, {})
+        rows.append((stage, info.get("status", "done" if stats else "not run"), len(stats),
+                     sum(s.get("rows", 0) for s in stats), sum(s.get("errors", 0) for s in stats),
+                     round(sum(s.get("seconds", 0) for s in stats), 2)))
+    print_rows(["stage", "status", "shards", "rows", "errors", "seconds"], rows, a.format)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "sql": cmd_sql, "train": cmd_train, "status": cmd_status}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    set_quiet(getattr(a, "format", "table") == "json")
+    try:
+        return COMMANDS[a.command](a)
+    except UserError as exc:
+        print(f"featscope: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("featscope: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Run configuration: defaults, YAML files, command-line overrides and validation.
+
+Everything the stages need to know travels in one plain `Config` object, which is also
+written to `run.json` so that a run can be resumed and compared later.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+
+
+class UserError(Exception):
+    """Something the user gave is wrong: printed as one line, exit code 2, before any work."""
+
+
+STAGES = ("ingest", "train", "extract", "index", "knn", "analyze", "report")
+POOLINGS = ("gap", "flat", "cam")
+METRICS = ("l2", "cosine")
+
+
+@dataclass
+class Config:
+    data: str = "builtin:digits"
+    model: str = "smallcnn"
+    weights: str | None = None
+    layers: list[str] = field(default_factory=lambda: ["conv", "penultimate"])
+    image_size: int | None = None  # None: the model's own (224 torchvision, 32 smallcnn)
+    out: str | None = None  # None: runs/<dataset>-<model>
+    k: int = 10
+    stages: list[str] | None = None  # None: all
+    perturb: list[str] = field(default_factory=list)
+    overwrite: bool = False
+    metrics: list[str] = field(default_factory=lambda: ["l2"])
+    # preprocessing: resize the short side, centre-crop image_size, normalise
+    resize: int | None = None  # None: image_size for smallcnn, image_size * 256/224 otherwise
+    mean: list[float] | None = None  # None: the model's own
+    std: list[float] | None = None
+    # execution
+    batch_size: int = 128
+    shard_size: int = 4096  # images per shard: the unit of work and of resume
+    device: str = "auto"  # auto | cpu | cuda
+    replicas: int | None = None  # model replicas; None: one per GPU, else 1
+    num_classes: int | None = None  # head size for randomly initialised models; None: dataset's
+    seed: int = 0
+    # bad input
+    max_image_pixels: int = 89_478_485  # PIL's own decompression-bomb limit
+    min_image_side: int = 8  # smaller images carry no usable content: errors rows
+    save_maps: bool = False  # also write the full conv maps (float16) into maps/
+    # the embedded training of the built-in CNN (when no --weights is given)
+    train_epochs: int = 8
+    train_lr: float = 3e-3
+    train_batch_size: int = 64
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def dataset_name(self) -> str:
+        src = self.data.rstrip("/")
+        if src.startswith("builtin:"):
+            return src.split(":", 1)[1].split("?")[0]
+        return os.path.splitext(os.path.basename(src))[0] or "data"
+
+    @property
+    def run_dir(self) -> str:
+        return self.out or os.path.join("runs", f"{self.dataset_name}-{self.model}")
+
+
+_FIELDS = {f.name: f for f in fields(Config)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a YAML or `--set` value into the field's type, or raise UserError."""
+    f = _FIELDS[name]
+    typ = str(f.type)
+    if value is None:
+        return None
+    try:
+        if typ.startswith("list"):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            inner = typ[typ.index("[") + 1 : typ.index("]")]
+            conv = float if inner == "float" else str
+            return [conv(v) for v in value]
+        if typ.startswith("bool"):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if typ.startswith("int"):
+            if isinstance(value, str) and value.lower() in ("none", "null", ""):
+                return None
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if typ.startswith("float"):
+            return float(value)
+        if typ.startswith("str"):
+            return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"config key '{name}': cannot read {value!r} as {typ}") from None
+    return value
+
+
+def build_config(config_file: str | None = None, overrides: dict[str, Any] | None = None,
+                 sets: list[str] | None = None) -> Config:
+    """Defaults < YAML file < --set key=value < explicit command-line flags."""
+    values: dict[str, Any] = {}
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise UserError(f"config file not found: {config_file}")
+        with open(config_file) as fh:
+            try:
+                loaded = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                raise UserError(f"config file {config_file} is not valid YAML: {exc}".splitlines()[0]) from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"config file {config_file} must hold a mapping of keys to values")
+        values.update(loaded)
+    for item in sets or []:
+        if "=" not in item:
+            raise UserError(f"--set expects key=value, got {item!r}")
+        key, val = item.split("=", 1)
+        values[key.strip().replace("-", "_")] = yaml.safe_load(val) if val else None
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise UserError(f"unknown config key '{unknown[0]}' (known: {', '.join(sorted(_FIELDS))})")
+    cfg = Config(**{k: _coerce(k, v) for k, v in values.items()})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    if cfg.stages is not None:
+        bad = [s for s in cfg.stages if s not in STAGES]
+        if bad:
+            raise UserError(f"unknown stage '{bad[0]}' (stages: {', '.join(STAGES)})")
+    bad = [m for m in cfg.metrics if m not in METRICS]
+    if bad:
+        raise UserError(f"unknown metric '{bad[0]}' (metrics: {', '.join(METRICS)})")
+    if cfg.k < 1:
+        raise UserError("k must be at least 1")
+    if cfg.image_size is not None and cfg.image_size < 8:
+        raise UserError("image_size must be at least 8 pixels")
+    if cfg.batch_size < 1 or cfg.shard_size < 1:
+        raise UserError("batch_size and shard_size must be positive")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"device must be auto, cpu or cuda, not {cfg.device!r}")
+    if not cfg.layers:
+        raise UserError("at least one layer is needed")

@@ -1,0 +1,38 @@
+"""Progress bars (tqdm on stderr), silenced for `--format json` and non-interactive callers."""
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+QUIET = False
+
+
+def set_quiet(quiet: bool) -> None:
+    global QUIET
+    QUIET = quiet
+
+
+def progress(items, desc: str, done: int = 0, total: int | None = None, unit: str = "shard"):
+    """Yield from `items` (an iterable, or a list of Ray object refs completed as they finish)."""
+    import ray
+
+    if isinstance(items, list) and (not items or isinstance(items[0], ray.ObjectRef)):
+        total = total if total is not None else done + len(items)
+        bar = tqdm(total=total, initial=done, desc=desc, unit=unit, disable=QUIET, file=sys.stderr, leave=False)
+        pending = list(items)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                yield ray.get(ref)
+                bar.update(1)
+        bar.close()
+        return
+    bar = tqdm(items, total=total, initial=done, desc=desc, unit=unit, disable=QUIET, file=sys.stderr, leave=False)
+    yield from bar
+    bar.close()
+
+
+def say(*args) -> None:
+    if not QUIET:
+        print(*args, file=sys.stderr)

@@ -1,0 +1,169 @@
+"""Stage orchestration: validate everything up front, then run the stages in order, skipping
+finished shards. Stages never call each other; they read and write the run directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+import warnings
+
+from . import catalog
+from .config import STAGES, Config, UserError
+from .progress import progress, say
+from .rundir import RunDir
+
+# config keys whose change makes existing ingest/extract output wrong for this run
+_FINGERPRINT_KEYS = ("data", "model", "weights", "layers", "image_size", "resize", "mean", "std", "shard_size",
+                     "max_image_pixels", "min_image_side", "save_maps", "perturb", "num_classes",
+                     "train_epochs", "train_lr", "train_batch_size", "seed")
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("featscope", "torch", "torchvision", "ray", "faiss-cpu", "duckdb", "pyarrow", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def connect_ray(num_cpus: int | None = None) -> None:
+    """RAY_ADDRESS (or a job submitted with `ray job submit`) selects a cluster; else an embedded Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    kwargs = dict(ignore_reinit_error=True, include_dashboard=False, log_to_driver=True,
+                  logging_level="WARNING", configure_logging=True)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, **kwargs)
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # we draw one bar per stage ourselves
+    ctx.print_on_execution_start = False
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+class Prepared:
+    """Everything validated before any work starts."""
+
+    def __init__(self, cfg: Config):
+        from stages import ingest
+        from stages.layers import Traced, resolve_layers
+        from stages.models import build_model, check_model_name, preprocess_for
+
+        self.cfg = cfg
+        self.stages = [s for s in STAGES if cfg.stages is None or s in cfg.stages]
+        check_model_name(cfg.model)
+        if cfg.weights and not os.path.isfile(cfg.weights):
+            raise UserError(f"weights file not found: {cfg.weights}")
+        self.plan = ingest.plan(cfg.data, cfg.shard_size)
+        self.classes = self.plan.classes
+        # the built-in CNN without weights is trained on the spot (the embedded default)
+        self.needs_training = cfg.model == "smallcnn" and not cfg.weights and cfg.train_epochs > 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, info = build_model(cfg.model, cfg.weights, cfg.num_classes or len(self.classes))
+        if not cfg.weights and not self.needs_training:
+            say(f"warning: {cfg.model} has no --weights: it is randomly initialised")
+        self.info = info
+        self.pre = preprocess_for(cfg, info)
+        traced = Traced(model, self.pre.image_size)
+        self.layers = resolve_layers(traced, cfg.layers)
+        self.cam_available = traced.cam_ok
+        self.run = RunDir(cfg.run_dir)
+
+    def fingerprint(self) -> str:
+        keys = {k: getattr(self.cfg, k) for k in _FINGERPRINT_KEYS}
+        keys["dataset"] = self.plan.fingerprint
+        if self.cfg.weights:
+            from stages.models import file_sha256
+
+            keys["weights_sha256"] = file_sha256(self.cfg.weights)
+        return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _require(run: RunDir, stage: str, needs: str) -> None:
+    if not run.read_stats(needs):
+        raise UserError(f"stage '{stage}' needs the output of '{needs}' in {run.path}: run that stage first")
+
+
+def run_pipeline(cfg: Config, quiet: bool = False) -> dict:
+    prep = Prepared(cfg)  # raises UserError before any work
+    run = prep.run
+    if cfg.overwrite:
+        run.wipe()
+    meta = run.read_meta()
+    fp = prep.fingerprint()
+    if meta and meta.get("fingerprint") != fp:
+        raise UserError(f"{run.path} holds a run made with another config or dataset: "
+                        f"use --overwrite to redo it, or --out for a new run")
+    if prep.stages and prep.stages[0] != "ingest":
+        _require(run, prep.stages[0], "ingest")
+    meta.update({"fingerprint": fp, "config": cfg.to_dict(), "versions": versions(),
+                 "dataset": {"source": cfg.data, "kind": prep.plan.kind, "fingerprint": prep.plan.fingerprint,
+                             "inputs": prep.plan.n_inputs, "classes": prep.classes},
+                 "layers": [layer.to_dict() for layer in prep.layers],
+                 "preprocess": {"image_size": prep.pre.image_size, "resize": prep.pre.resize,
+                                "mean": list(cfg.mean or prep.info.mean), "std": list(cfg.std or prep.info.std)},
+                 "cam": prep.cam_available})
+    meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    meta.setdefault("stages", {})
+    os.makedirs(run.path, exist_ok=True)
+    run.write_meta(meta)
+    connect_ray()
+    summary: dict = {"run": run.path}
+    from stages import extract, ingest, train
+
+    for stage in prep.stages:
+        t0 = time.perf_counter()
+        if stage == "ingest":
+            res = ingest.run(run, cfg, prep.plan, progress)
+            say(f"{res['rows']} images, {res['errors']} errors")
+        elif stage == "train":
+            if not prep.needs_training:
+                continue
+            weights = run.p("model", f"{cfg.model}.pt")
+            if os.path.exists(weights) and run.read_meta().get("stages", {}).get("train", {}).get("status") == "done":
+                continue
+            _require(run, stage, "ingest")
+            res = train.run(run, cfg, prep.classes, progress)
+            say(f"trained {cfg.model}: held-out accuracy {res['held_out_accuracy']:.3f} "
+                f"({res['train_images']} train / {res['held_out_images']} held-out images, {res['seconds']} s)")
+        elif stage == "extract":
+            _require(run, stage, "ingest")
+            res = extract.run(run, cfg, _model_spec(prep), len(prep.plan.shards), progress)
+        else:
+            continue  # index, knn, analyze, report: later stages plug in here
+        run.update_stage(stage, **_plain(res), status="done", wall_seconds=round(time.perf_counter() - t0, 2))
+        catalog.write_catalog(run)
+        summary[stage] = res
+    catalog.write_catalog(run)
+    return summary
+
+
+def _plain(res: dict) -> dict:
+    return {k: v for k, v in res.items() if isinstance(v, (int, float, str, type(None))) and k != "wall_seconds"}
+
+
+def _model_spec(prep: Prepared) -> dict:
+    cfg = prep.cfg
+    weights = cfg.weights
+    if prep.needs_training:
+        weights = prep.run.p("model", f"{cfg.model}.pt")
+        if not os.path.exists(weights):
+            raise UserError(f"stage 'extract' needs the trained checkpoint {weights}: run the 'train' stage first")
+    return {"model": cfg.model, "weights": weights, "num_classes": cfg.num_classes or len(prep.classes),
+            "layers": [layer.to_dict() for layer in prep.layers], "device": cfg.device, "cfg": cfg.to_dict()}

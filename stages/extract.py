@@ -1,0 +1,208 @@
+"""Extract: `images/` shards -> `features/<layer>/` and `maps/conv/` shards, on Ray Data.
+
+The unit of work is one images shard. Ray Data runs a pool of model replicas (actors:
+one per GPU, or CPU replicas that each own `num_cpus` threads) over the list of unfinished
+shards; each replica reads its shard's bytes, decodes them with torchvision's native decoder
+in a background thread (overlapping the forward pass), runs one forward per batch that
+returns every requested node and the logits, and streams row groups into temporary files
+renamed into place when the shard is complete. Its stats file is written last.
+
+Why not `read_images -> map_batches -> write_parquet`: on 2 cores that measured 196 img/s
+against 450 img/s for a plain DataLoader loop (PIL decoding in Ray Data's read tasks and
+per-batch scheduling compete with the forward pass for the same two cores).
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.rundir import AtomicParquetWriter, RunDir, layer_dir, shard_name, write_table_atomic
+
+from .ingest import ERRORS_SCHEMA
+
+CAM_LAYER = "conv"  # maps/conv/ holds the CAM heatmaps of the `conv` alias's node
+
+
+def features_schema(dim: int) -> pa.Schema:
+    return pa.schema([("image_id", pa.int64()), ("view", pa.string()), ("pred", pa.int32()),
+                      ("prob", pa.float32()), ("vec", pa.list_(pa.float32(), dim))])
+
+
+def maps_schema(hw: int, map_size: int | None) -> pa.Schema:
+    fields = [("image_id", pa.int64()), ("view", pa.string()), ("class", pa.int32()),
+              ("height", pa.int32()), ("width", pa.int32()), ("cam", pa.list_(pa.float32(), hw))]
+    if map_size:
+        fields.append(("map", pa.list_(pa.float16(), map_size)))
+    return pa.schema(fields)
+
+
+def _fixed(arr: np.ndarray, dtype) -> pa.FixedSizeListArray:
+    arr = np.ascontiguousarray(arr.reshape(len(arr), -1), dtype=dtype)
+    return pa.FixedSizeListArray.from_arrays(pa.array(arr.ravel()), arr.shape[1])
+
+
+class ShardExtractor:
+    """One model replica. Ray Data constructs it once per actor and calls it per shard."""
+
+    def __init__(self, run_path: str, spec: dict):
+        import torch
+
+        from .layers import FeatureExtractor, Layer, Traced, head_weights
+        from .models import build_model, pick_device, preprocess_for
+
+        self.torch = torch
+        threads = int(spec.get("threads") or 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.run = RunDir(run_path)
+        self.spec = spec
+        cfg = spec["cfg"]
+        model, info = build_model(spec["model"], spec["weights"], spec["num_classes"])
+        self.device = pick_device(spec["device"])
+        self.pre = preprocess_for(_Cfg(cfg), info)
+        traced = Traced(model, self.pre.image_size)
+        self.layers = [Layer(**d) for d in spec["layers"]]
+        nodes = list(dict.fromkeys(layer.node for layer in self.layers))
+        self.cam_node = traced.names[traced.conv] if traced.cam_ok else None
+        if self.cam_node:
+            nodes.append(self.cam_node)
+            self.head_w, self.head_b = (t.to(self.device) for t in head_weights(traced))
+        self.extractor = FeatureExtractor(traced, nodes).to(self.device).eval()
+        self.batch_size = int(cfg["batch_size"])
+        self.save_maps = bool(cfg["save_maps"])
+        self.pool = ThreadPoolExecutor(1)  # decoding overlaps the forward pass
+
+    # Ray Data passes a batch of shard indices (batch_size=1: one shard per call)
+    def __call__(self, batch: dict) -> dict:
+        out = [self.extract_shard(int(i)) for i in batch["shard"]]
+        return {k: np.array([o[k] for o in out]) for k in ("shard", "rows", "errors", "seconds")}
+
+    def _decode(self, rows: list[tuple[int, bytes]]):
+        from .images import decode_rgb
+
+        ids, images, errors = [], [], []
+        for image_id, data in rows:
+            try:
+                images.append(decode_rgb(data))
+                ids.append(image_id)
+            except Exception as exc:  # validated at ingest; a failure here is still one row, not a crash
+                errors.append((image_id, f"{type(exc).__name__}: {exc}"))
+        x = self.pre(images) if images else None
+        return ids, x, errors
+
+    def extract_shard(self, index: int) -> dict:
+        torch = self.torch
+        start = time.perf_counter()
+        name = self._shard = shard_name(index)
+        table = pq.read_table(self.run.p("images", name + ".parquet"), columns=["image_id", "uri", "bytes"])
+        ids_col, data_col = table.column("image_id").to_pylist(), table.column("bytes").to_pylist()
+        uris = dict(zip(ids_col, table.column("uri").to_pylist()))
+        rows = list(zip(ids_col, data_col))
+        del table, data_col
+        batches = [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        writers: dict[str, AtomicParquetWriter] = {}
+        errors, n_rows = [], 0
+        try:
+            pending = self.pool.submit(self._decode, batches[0]) if batches else None
+            for b in range(len(batches)):
+                ids, x, bad = pending.result()
+                pending = self.pool.submit(self._decode, batches[b + 1]) if b + 1 < len(batches) else None
+                errors += bad
+                if x is None:
+                    continue
+                self._write_batch(writers, ids, x, view="orig")
+                n_rows += len(ids)
+            for w in writers.values():
+                w.close()
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        if errors:
+            write_table_atomic(self.run.p("errors", f"extract-{name}.parquet"), pa.table({
+                "uri": [uris[i] for i, _ in errors], "stage": ["extract"] * len(errors),
+                "error": ["decode_failed"] * len(errors), "message": [m for _, m in errors]}, schema=ERRORS_SCHEMA))
+        stats = {"shard": index, "rows": n_rows, "errors": len(errors), "seconds": round(time.perf_counter() - start, 3),
+                 "device": str(self.device)}
+        self.run.write_stats("extract", index, stats)
+        return stats
+
+    def _write_batch(self, writers, ids, x, view: str) -> None:
+        torch = self.torch
+        from .layers import class_activation_map, pool
+
+        with torch.inference_mode():
+            outs = self.extractor(x.to(self.device, non_blocking=True))
+            logits = outs[self.extractor.logits_name].float()
+            prob, pred = torch.softmax(logits, dim=1).max(dim=1)
+            cam = None
+            if self.cam_node:
+                fmap = outs[self.cam_node].float()
+                cam = class_activation_map(fmap, self.head_w, pred)
+            vecs = {layer.name: pool(outs[layer.node].float(), layer.pooling, cam).cpu().numpy()
+                    for layer in self.layers}
+        n = len(ids)
+        common = {"image_id": pa.array(ids, pa.int64()), "view": pa.array([view] * n, pa.string()),
+                  "pred": pa.array(pred.cpu().numpy().astype(np.int32)), "prob": pa.array(prob.cpu().numpy())}
+        for layer in self.layers:
+            vec = vecs[layer.name]
+            path = self.run.p("features", layer_dir(layer.name), self._shard + ".parquet")
+            if path not in writers:
+                writers[path] = AtomicParquetWriter(path, features_schema(vec.shape[1]))
+            writers[path].write(pa.table({**common, "vec": _fixed(vec, np.float32)}, schema=writers[path].schema))
+        if cam is not None:
+            h, w = cam.shape[1:]
+            key = self.run.p("maps", CAM_LAYER, self._shard + ".parquet")
+            map_size = fmap.shape[1] * h * w if self.save_maps else None
+            if key not in writers:
+                writers[key] = AtomicParquetWriter(key, maps_schema(h * w, map_size))
+            cols = {"image_id": common["image_id"], "view": common["view"], "class": common["pred"],
+                    "height": pa.array(np.full(n, h, np.int32)), "width": pa.array(np.full(n, w, np.int32)),
+                    "cam": _fixed(cam.cpu().numpy(), np.float32)}
+            if map_size:
+                cols["map"] = _fixed(fmap.cpu().numpy(), np.float16)
+            writers[key].write(pa.table(cols, schema=writers[key].schema))
+
+
+class _Cfg:
+    """Attribute access over the config dict a replica receives."""
+
+    def __init__(self, d: dict):
+        self.__dict__.update(d)
+
+
+def run(run_dir: RunDir, cfg, spec: dict, n_shards: int, progress) -> dict:
+    """Extract every images shard that has no extract stats yet; returns totals."""
+    import ray
+    import ray.data
+
+    todo = [i for i in range(n_shards) if not run_dir.shard_done("extract", i)]
+    if todo:
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0)) if cfg.device != "cpu" else 0
+        nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+        if gpus:
+            replicas, remote = cfg.replicas or gpus, {"num_gpus": 1, "num_cpus": 1}
+            spec = {**spec, "device": "cuda", "threads": 1}
+        else:
+            # CPU: by default one replica per node owning all its cores (torch threads beat
+            # several single-threaded replicas fighting over the same cores)
+            replicas = cfg.replicas or len(nodes) or 1
+            per_node = min(int(n["Resources"]["CPU"]) for n in nodes) if nodes else int(resources.get("CPU", 1))
+            threads = max(1, per_node * len(nodes) // replicas) if nodes else per_node
+            remote = {"num_cpus": threads}
+            spec = {**spec, "device": "cpu", "threads": threads}
+        replicas = max(1, min(replicas, len(todo)))
+        ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(ShardExtractor, fn_constructor_args=(run_dir.path, spec), batch_size=1,
+                            compute=ray.data.ActorPoolStrategy(size=replicas), **remote)
+        for _ in progress(ds.iter_rows(), "extract", n_shards - len(todo), n_shards):
+            pass
+    stats = run_dir.read_stats("extract")
+    return {"shards": len(stats), "redone": len(todo), "rows": sum(s["rows"] for s in stats),
+            "errors": sum(s["errors"] for s in stats), "seconds": sum(s["seconds"] for s in stats)}
