@@ -2,10 +2,12 @@
 
 Views: images, layers, predictions, embeddings (vec as FLOAT[] for every layer), one
 `embeddings_<layer>` view per layer with vec cast back to FLOAT[dim] (Parquet loses the
-fixed-size-list length) so that array_distance / array_cosine_distance work, cams, knn and
-errors. Paths are absolute, so `duckdb -init RUN/catalog.sql` works from any directory;
-featscope regenerates the file whenever it writes the run (and in memory on every
-connection, so a moved run still works).
+fixed-size-list length) so that array_distance / array_cosine_distance work, cams, knn,
+knn_deep (the analyze stage's deeper search for a sample of queries), index_layers (layer,
+features, metric, pooling, dim: what each knn `layer` value is) and errors. Paths are
+absolute, so `duckdb -init RUN/catalog.sql` works from any directory; featscope regenerates
+the file whenever it writes the run (and in memory on every connection, so a moved run still
+works).
 """
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ _EMPTY = {
     "embeddings": "SELECT NULL::VARCHAR AS layer, NULL::BIGINT AS image_id, NULL::VARCHAR AS view, NULL::FLOAT[] AS vec",
     "knn": "SELECT NULL::VARCHAR AS layer, NULL::BIGINT AS query_id, NULL::INTEGER AS rank, "
            "NULL::BIGINT AS neighbor_id, NULL::FLOAT AS distance",
+    "knn_deep": "SELECT NULL::VARCHAR AS layer, NULL::BIGINT AS query_id, NULL::INTEGER AS rank, "
+                "NULL::BIGINT AS neighbor_id, NULL::FLOAT AS distance",
+    "index_layers": "SELECT NULL::VARCHAR AS layer, NULL::VARCHAR AS features, NULL::VARCHAR AS metric, "
+                    "NULL::VARCHAR AS pooling, NULL::INTEGER AS dim",
     "errors": "SELECT NULL::VARCHAR AS uri, NULL::VARCHAR AS stage, NULL::VARCHAR AS error, NULL::VARCHAR AS message",
     "cams": "SELECT NULL::BIGINT AS image_id, NULL::VARCHAR AS view, NULL::INTEGER AS class, NULL::INTEGER AS height, "
             "NULL::INTEGER AS width, NULL::FLOAT[] AS cam",
@@ -70,10 +76,21 @@ def catalog_sql(run: RunDir) -> str:
     view("predictions", present and f"SELECT image_id, view, pred, prob FROM read_parquet({present[0][1]})")
     g = _glob(run, "maps", "conv")
     view("cams", g and f"SELECT image_id, view, class, height, width, cam::FLOAT[] AS cam FROM read_parquet({g})")
-    knn_layers = [k for k in meta.get("knn_layers", []) if run.parquet_files("knn", layer_dir(k))]
+    knn_layers = [k["name"] for k in meta.get("index_layers", []) if run.parquet_files("knn", layer_dir(k["name"]))]
     view("knn", " UNION ALL ".join(
         f"SELECT layer, query_id, rank, neighbor_id, distance FROM read_parquet({_glob(run, 'knn', layer_dir(k))})"
         for k in knn_layers) or None)
+    # the deep search of the analyze stage (precision@1, R-precision, MAP@R need R = class size - 1 neighbours)
+    deep_layers = [k["name"] for k in meta.get("index_layers", []) if run.parquet_files("knn_deep", layer_dir(k["name"]))]
+    view("knn_deep", " UNION ALL ".join(
+        f"SELECT layer, query_id, rank, neighbor_id, distance FROM read_parquet({_glob(run, 'knn_deep', layer_dir(k))})"
+        for k in deep_layers) or None)
+    # index layers: one vector set x one metric, the `layer` value of knn and of every measure
+    dims = {l["name"]: (l["pooling"], l["dim"]) for l in layers}
+    rows = ", ".join(f"({_lit(k['name'])}, {_lit(k['features'])}, {_lit(k['metric'])}, "
+                     f"{_lit(dims.get(k['features'], ('', 0))[0])}, {dims.get(k['features'], ('', 0))[1]})"
+                     for k in meta.get("index_layers", []))
+    view("index_layers", rows and f"SELECT * FROM (VALUES {rows}) t(layer, features, metric, pooling, dim)")
     g = _glob(run, "errors")
     view("errors", g and f"SELECT uri, stage, error, message FROM read_parquet({g})")
     return "\n".join(out) + "\n"

@@ -56,6 +56,32 @@ def connect_ray(num_cpus: int | None = None) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+def index_layers(cfg: Config, layers) -> list[dict]:
+    """The vector sets that get an index and a kNN graph: each extracted layer x each metric.
+
+    `l2` keeps the layer's own name; other metrics add a suffix (`penultimate:cosine`). A layer
+    spec that names a metric itself (`--layers penultimate:cosine`) adds that pair too.
+    """
+    from stages.layers import split_metric
+
+    out: dict[str, dict] = {}
+
+    def add(layer_name: str, metric: str) -> None:
+        name = layer_name if metric == "l2" else f"{layer_name}:{metric}"
+        out.setdefault(name, {"name": name, "features": layer_name, "metric": metric})
+
+    for layer in layers:
+        for metric in cfg.metrics:
+            add(layer.name, metric)
+    for spec in cfg.layers:
+        base, metric = split_metric(spec)
+        if metric:
+            match = [l.name for l in layers if l.name == base or l.name == base + ":gap"]
+            if match:
+                add(match[0], metric)
+    return list(out.values())
+
+
 class Prepared:
     """Everything validated before any work starts."""
 
@@ -82,6 +108,7 @@ class Prepared:
         self.pre = preprocess_for(cfg, info)
         traced = Traced(model, self.pre.image_size)
         self.layers = resolve_layers(traced, cfg.layers)
+        self.index_layers = index_layers(cfg, self.layers)
         self.cam_available = traced.cam_ok
         self.run = RunDir(cfg.run_dir)
 
@@ -116,6 +143,7 @@ def run_pipeline(cfg: Config, quiet: bool = False) -> dict:
                  "dataset": {"source": cfg.data, "kind": prep.plan.kind, "fingerprint": prep.plan.fingerprint,
                              "inputs": prep.plan.n_inputs, "classes": prep.classes},
                  "layers": [layer.to_dict() for layer in prep.layers],
+                 "index_layers": prep.index_layers,
                  "preprocess": {"image_size": prep.pre.image_size, "resize": prep.pre.resize,
                                 "mean": list(cfg.mean or prep.info.mean), "std": list(cfg.std or prep.info.std)},
                  "cam": prep.cam_available})
@@ -146,7 +174,15 @@ def run_pipeline(cfg: Config, quiet: bool = False) -> dict:
             _require(run, stage, "ingest")
             res = extract.run(run, cfg, _model_spec(prep), len(prep.plan.shards), progress)
         else:
-            continue  # index, knn, analyze, report: later stages plug in here
+            # index, knn, analyze, report: each module exposes run(run_dir, cfg, progress) -> stats dict
+            import importlib
+
+            try:
+                module = importlib.import_module(f"stages.{stage}")
+            except ModuleNotFoundError:
+                continue  # not built yet
+            _require(run, stage, "extract")
+            res = module.run(run, cfg, progress)
         run.update_stage(stage, **_plain(res), status="done", wall_seconds=round(time.perf_counter() - t0, 2))
         catalog.write_catalog(run)
         summary[stage] = res

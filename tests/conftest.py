@@ -1,0 +1,35 @@
+"""Shared fixtures: one Ray per test session (num_cpus=2), small data made on the spot."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    from pipeline.runner import connect_ray
+
+    connect_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_run(ray_session, tmp_path_factory):
+    """The embedded default (trained smallcnn on builtin:digits), run once for the session."""
+    from pipeline.config import build_config
+    from pipeline.runner import run_pipeline
+
+    out = tmp_path_factory.mktemp("digits") / "run"
+    cfg = build_config(None, {"out": str(out)}, ["train_epochs=4"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_pipeline(cfg, quiet=True)
+    return str(out)
