@@ -31,6 +31,7 @@ _EMPTY = {
     "index_layers": "SELECT NULL::VARCHAR AS layer, NULL::VARCHAR AS features, NULL::VARCHAR AS metric, "
                     "NULL::VARCHAR AS pooling, NULL::INTEGER AS dim",
     "errors": "SELECT NULL::VARCHAR AS uri, NULL::VARCHAR AS stage, NULL::VARCHAR AS error, NULL::VARCHAR AS message",
+    "perturbations": "SELECT NULL::BIGINT AS image_id, NULL::VARCHAR AS view, NULL::FLOAT AS input_dist",
     "cams": "SELECT NULL::BIGINT AS image_id, NULL::VARCHAR AS view, NULL::INTEGER AS class, NULL::INTEGER AS height, "
             "NULL::INTEGER AS width, NULL::FLOAT[] AS cam",
 }
@@ -76,6 +77,8 @@ def catalog_sql(run: RunDir) -> str:
     view("predictions", present and f"SELECT image_id, view, pred, prob FROM read_parquet({present[0][1]})")
     g = _glob(run, "maps", "conv")
     view("cams", g and f"SELECT image_id, view, class, height, width, cam::FLOAT[] AS cam FROM read_parquet({g})")
+    g = _glob(run, "views")  # one row per (image, perturbed view): ||x - x'||_2 in the model's input space
+    view("perturbations", g and f"SELECT image_id, view, input_dist FROM read_parquet({g})")
     knn_layers = [k["name"] for k in meta.get("index_layers", []) if run.parquet_files("knn", layer_dir(k["name"]))]
     view("knn", " UNION ALL ".join(
         f"SELECT layer, query_id, rank, neighbor_id, distance FROM read_parquet({_glob(run, 'knn', layer_dir(k))})"

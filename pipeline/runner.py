@@ -109,6 +109,10 @@ class Prepared:
         traced = Traced(model, self.pre.image_size)
         self.layers = resolve_layers(traced, cfg.layers)
         self.index_layers = index_layers(cfg, self.layers)
+        from stages import perturb
+
+        self.views = list(dict.fromkeys(perturb.view_name(v) for v in cfg.perturb))
+        perturb.check_source(cfg.data, self.views)
         self.cam_available = traced.cam_ok
         self.run = RunDir(cfg.run_dir)
 
@@ -144,6 +148,7 @@ def run_pipeline(cfg: Config, quiet: bool = False) -> dict:
                              "inputs": prep.plan.n_inputs, "classes": prep.classes},
                  "layers": [layer.to_dict() for layer in prep.layers],
                  "index_layers": prep.index_layers,
+                 "views": prep.views,
                  "preprocess": {"image_size": prep.pre.image_size, "resize": prep.pre.resize,
                                 "mean": list(cfg.mean or prep.info.mean), "std": list(cfg.std or prep.info.std)},
                  "cam": prep.cam_available})
@@ -202,4 +207,5 @@ def _model_spec(prep: Prepared) -> dict:
         if not os.path.exists(weights):
             raise UserError(f"stage 'extract' needs the trained checkpoint {weights}: run the 'train' stage first")
     return {"model": cfg.model, "weights": weights, "num_classes": cfg.num_classes or len(prep.classes),
-            "layers": [layer.to_dict() for layer in prep.layers], "device": cfg.device, "cfg": cfg.to_dict()}
+            "layers": [layer.to_dict() for layer in prep.layers], "device": cfg.device, "cfg": cfg.to_dict(),
+            "views": prep.views}

@@ -33,6 +33,9 @@ def features_schema(dim: int) -> pa.Schema:
                       ("prob", pa.float32()), ("vec", pa.list_(pa.float32(), dim))])
 
 
+VIEWS_SCHEMA = pa.schema([("image_id", pa.int64()), ("view", pa.string()), ("input_dist", pa.float32())])
+
+
 def maps_schema(hw: int, map_size: int | None) -> pa.Schema:
     fields = [("image_id", pa.int64()), ("view", pa.string()), ("class", pa.int32()),
               ("height", pa.int32()), ("width", pa.int32()), ("cam", pa.list_(pa.float32(), hw))]
@@ -75,6 +78,8 @@ class ShardExtractor:
         self.extractor = FeatureExtractor(traced, nodes).to(self.device).eval()
         self.batch_size = int(cfg["batch_size"])
         self.save_maps = bool(cfg["save_maps"])
+        self.views = list(spec.get("views") or [])
+        self.data, self.seed = cfg["data"], int(cfg["seed"])
         self.pool = ThreadPoolExecutor(1)  # decoding overlaps the forward pass
 
     # Ray Data passes a batch of shard indices (batch_size=1: one shard per call)
@@ -82,40 +87,56 @@ class ShardExtractor:
         out = [self.extract_shard(int(i)) for i in batch["shard"]]
         return {k: np.array([o[k] for o in out]) for k in ("shard", "rows", "errors", "seconds")}
 
-    def _decode(self, rows: list[tuple[int, bytes]]):
+    def _decode(self, rows: list[tuple[int, str, bytes]]):
+        """Decode one batch and make its perturbed views (runs in the background thread)."""
+        from . import perturb
         from .images import decode_rgb
 
-        ids, images, errors = [], [], []
-        for image_id, data in rows:
+        ids, uris, images, errors = [], [], [], []
+        for image_id, uri, data in rows:
             try:
                 images.append(decode_rgb(data))
                 ids.append(image_id)
+                uris.append(uri)
             except Exception as exc:  # validated at ingest; a failure here is still one row, not a crash
-                errors.append((image_id, f"{type(exc).__name__}: {exc}"))
-        x = self.pre(images) if images else None
-        return ids, x, errors
+                errors.append((uri, f"{type(exc).__name__}: {exc}"))
+        if not images:
+            return ids, {}, errors
+        x_u8 = self.pre.geometry(images)
+        inputs = {"orig": self.pre.normalize(x_u8)}
+        for view in self.views:
+            if perturb.needs_source(view):
+                redrawn = [perturb.background_image(self.data, u, view, self.seed, i) for i, u in zip(ids, uris)]
+                xv = self.pre.normalize(self.pre.geometry([torch_from_pil(im) for im in redrawn]))
+            else:
+                xv = self.pre.normalize(perturb.apply(x_u8.float() / 255, ids, view, self.seed), scale=255)
+            inputs[view] = xv
+        return ids, inputs, errors
 
     def extract_shard(self, index: int) -> dict:
-        torch = self.torch
         start = time.perf_counter()
         name = self._shard = shard_name(index)
         table = pq.read_table(self.run.p("images", name + ".parquet"), columns=["image_id", "uri", "bytes"])
-        ids_col, data_col = table.column("image_id").to_pylist(), table.column("bytes").to_pylist()
-        uris = dict(zip(ids_col, table.column("uri").to_pylist()))
-        rows = list(zip(ids_col, data_col))
-        del table, data_col
+        rows = list(zip(table.column("image_id").to_pylist(), table.column("uri").to_pylist(),
+                        table.column("bytes").to_pylist()))
+        del table
         batches = [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
         writers: dict[str, AtomicParquetWriter] = {}
         errors, n_rows = [], 0
         try:
             pending = self.pool.submit(self._decode, batches[0]) if batches else None
             for b in range(len(batches)):
-                ids, x, bad = pending.result()
+                ids, inputs, bad = pending.result()
                 pending = self.pool.submit(self._decode, batches[b + 1]) if b + 1 < len(batches) else None
                 errors += bad
-                if x is None:
+                if not ids:
                     continue
-                self._write_batch(writers, ids, x, view="orig")
+                pred = self._write_batch(writers, ids, inputs["orig"], "orig")
+                for view in self.views:
+                    # CAM and CAM pooling of a view use the original's predicted class: the same
+                    # explanation target for both inputs, as in Montavon et al.'s continuity
+                    self._write_batch(writers, ids, inputs[view], view, cam_class=pred)
+                    self._write_input_dist(writers, ids, view, inputs[view] - inputs["orig"])
                 n_rows += len(ids)
             for w in writers.values():
                 w.close()
@@ -125,14 +146,31 @@ class ShardExtractor:
             raise
         if errors:
             write_table_atomic(self.run.p("errors", f"extract-{name}.parquet"), pa.table({
-                "uri": [uris[i] for i, _ in errors], "stage": ["extract"] * len(errors),
+                "uri": [u for u, _ in errors], "stage": ["extract"] * len(errors),
                 "error": ["decode_failed"] * len(errors), "message": [m for _, m in errors]}, schema=ERRORS_SCHEMA))
-        stats = {"shard": index, "rows": n_rows, "errors": len(errors), "seconds": round(time.perf_counter() - start, 3),
-                 "device": str(self.device)}
+        import resource
+
+        stats = {"shard": index, "rows": n_rows, "errors": len(errors), "views": len(self.views),
+                 "seconds": round(time.perf_counter() - start, 3), "device": str(self.device),
+                 "replica_pid": os.getpid(),
+                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
         self.run.write_stats("extract", index, stats)
         return stats
 
-    def _write_batch(self, writers, ids, x, view: str) -> None:
+    def _writer(self, writers, folder: str, schema: pa.Schema) -> AtomicParquetWriter:
+        path = self.run.p(folder, self._shard + ".parquet")
+        if path not in writers:
+            writers[path] = AtomicParquetWriter(path, schema)
+        return writers[path]
+
+    def _write_input_dist(self, writers, ids, view: str, diff) -> None:
+        dist = diff.flatten(1).norm(dim=1).numpy().astype(np.float32)
+        w = self._writer(writers, "views", VIEWS_SCHEMA)
+        w.write(pa.table({"image_id": pa.array(ids, pa.int64()), "view": pa.array([view] * len(ids)),
+                          "input_dist": pa.array(dist)}, schema=VIEWS_SCHEMA))
+
+    def _write_batch(self, writers, ids, x, view: str, cam_class=None):
+        """One forward for every layer; returns the predicted classes."""
         torch = self.torch
         from .layers import class_activation_map, pool
 
@@ -140,10 +178,11 @@ class ShardExtractor:
             outs = self.extractor(x.to(self.device, non_blocking=True))
             logits = outs[self.extractor.logits_name].float()
             prob, pred = torch.softmax(logits, dim=1).max(dim=1)
+            cls = pred if cam_class is None else cam_class.to(self.device)
             cam = None
             if self.cam_node:
                 fmap = outs[self.cam_node].float()
-                cam = class_activation_map(fmap, self.head_w, pred)
+                cam = class_activation_map(fmap, self.head_w, cls)
             vecs = {layer.name: pool(outs[layer.node].float(), layer.pooling, cam).cpu().numpy()
                     for layer in self.layers}
         n = len(ids)
@@ -151,22 +190,26 @@ class ShardExtractor:
                   "pred": pa.array(pred.cpu().numpy().astype(np.int32)), "prob": pa.array(prob.cpu().numpy())}
         for layer in self.layers:
             vec = vecs[layer.name]
-            path = self.run.p("features", layer_dir(layer.name), self._shard + ".parquet")
-            if path not in writers:
-                writers[path] = AtomicParquetWriter(path, features_schema(vec.shape[1]))
-            writers[path].write(pa.table({**common, "vec": _fixed(vec, np.float32)}, schema=writers[path].schema))
+            w = self._writer(writers, os.path.join("features", layer_dir(layer.name)), features_schema(vec.shape[1]))
+            w.write(pa.table({**common, "vec": _fixed(vec, np.float32)}, schema=w.schema))
         if cam is not None:
-            h, w = cam.shape[1:]
-            key = self.run.p("maps", CAM_LAYER, self._shard + ".parquet")
-            map_size = fmap.shape[1] * h * w if self.save_maps else None
-            if key not in writers:
-                writers[key] = AtomicParquetWriter(key, maps_schema(h * w, map_size))
-            cols = {"image_id": common["image_id"], "view": common["view"], "class": common["pred"],
-                    "height": pa.array(np.full(n, h, np.int32)), "width": pa.array(np.full(n, w, np.int32)),
+            h, wd = cam.shape[1:]
+            map_size = fmap.shape[1] * h * wd if self.save_maps else None
+            w = self._writer(writers, os.path.join("maps", CAM_LAYER), maps_schema(h * wd, map_size))
+            cols = {"image_id": common["image_id"], "view": common["view"],
+                    "class": pa.array(cls.cpu().numpy().astype(np.int32)),
+                    "height": pa.array(np.full(n, h, np.int32)), "width": pa.array(np.full(n, wd, np.int32)),
                     "cam": _fixed(cam.cpu().numpy(), np.float32)}
             if map_size:
                 cols["map"] = _fixed(fmap.cpu().numpy(), np.float16)
-            writers[key].write(pa.table(cols, schema=writers[key].schema))
+            w.write(pa.table(cols, schema=w.schema))
+        return pred.cpu()
+
+
+def torch_from_pil(img):
+    import torch
+
+    return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
 
 
 class _Cfg:

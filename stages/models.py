@@ -160,12 +160,18 @@ class Preprocess:
             batch = F.center_crop(batch, [self.image_size, self.image_size])
         return batch
 
-    def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
+    def geometry(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """uint8 images of any size -> uint8 (N, 3, S, S) at the model's input size."""
         if all(im.shape == images[0].shape for im in images):
-            batch = self._geometry(torch.stack(images))  # one resize call for the whole batch
-        else:
-            batch = torch.stack([self._geometry(im) for im in images])
-        return (batch.float() - self.mean) / self.std
+            return self._geometry(torch.stack(images))  # one resize call for the whole batch
+        return torch.stack([self._geometry(im) for im in images])
+
+    def normalize(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """uint8-range (scale=1) or [0, 1] (scale=255) pixels -> the model's input space."""
+        return (x.float() * scale - self.mean) / self.std
+
+    def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
+        return self.normalize(self.geometry(images))
 
 
 def preprocess_for(cfg, info: ModelInfo) -> Preprocess:

@@ -1,0 +1,119 @@
+"""Perturbed views: nearly equivalent inputs, made during extraction.
+
+A view is `<name>:<strength>` (`noise:0.05`, `shift:2`). Perturbations act on the image at the
+model's input size, in [0, 1] pixel units, before normalisation; the input distance
+||x - x'||_2 is then measured in the model's input space (after normalisation), where the
+local Lipschitz ratio ||f(x) - f(x')|| / ||x - x'|| is taken.
+
+Every random choice is seeded by (run seed, image_id, view), so a view is reproducible
+whatever the batch or shard it lands in, on any machine.
+
+  noise       gaussian noise, sigma in [0, 1] pixel units
+  brightness  add `strength` to every pixel (clamped)
+  contrast    scale contrast around the image mean by (1 + strength)
+  shift       translate by `strength` pixels in a seeded direction (edges replicated)
+  rotate      rotate by `strength` degrees (edges filled with the mean colour)
+  blur        gaussian blur with sigma = strength pixels
+  jpeg        re-encode as JPEG with quality = strength
+  background  builtin:shapes only: the same object redrawn on another background
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+from pipeline.config import UserError
+
+PERTURBATIONS = ("noise", "brightness", "contrast", "shift", "rotate", "blur", "jpeg", "background")
+
+
+def parse_view(spec: str) -> tuple[str, float]:
+    name, sep, strength = spec.replace("=", ":").partition(":")
+    if name not in PERTURBATIONS or not sep:
+        raise UserError(f"unknown perturbation '{spec}' (NAME=STRENGTH with NAME one of {', '.join(PERTURBATIONS)})")
+    try:
+        value = float(strength)
+    except ValueError:
+        raise UserError(f"perturbation '{spec}': strength must be a number") from None
+    if name == "jpeg" and not 1 <= value <= 100:
+        raise UserError(f"perturbation '{spec}': jpeg quality must be in [1, 100]")
+    if name in ("noise", "blur") and value < 0:
+        raise UserError(f"perturbation '{spec}': strength must be >= 0")
+    return name, value
+
+
+def view_name(spec: str) -> str:
+    name, value = parse_view(spec)
+    return f"{name}:{value:g}"
+
+
+def _seed(seed: int, image_id: int, view: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{image_id}/{view}".encode(), digest_size=8).digest(), "big") >> 1
+
+
+def apply(x01: torch.Tensor, ids: list[int], view: str, seed: int) -> torch.Tensor:
+    """x01: (N, 3, H, W) float in [0, 1] -> the perturbed batch, same shape, in [0, 1]."""
+    from torchvision.transforms.v2 import functional as F
+
+    name, s = parse_view(view)
+    if name == "noise":
+        noise = torch.stack([torch.randn(x01.shape[1:], generator=torch.Generator().manual_seed(_seed(seed, i, view)))
+                             for i in ids])
+        return (x01 + s * noise).clamp(0, 1)
+    if name == "brightness":
+        return (x01 + s).clamp(0, 1)
+    if name == "contrast":
+        mean = x01.mean(dim=(1, 2, 3), keepdim=True)
+        return ((x01 - mean) * (1 + s) + mean).clamp(0, 1)
+    if name == "shift":
+        out = torch.empty_like(x01)
+        for j, i in enumerate(ids):
+            angle = (_seed(seed, i, view) % 3600) / 3600 * 2 * math.pi
+            dx, dy = round(s * math.cos(angle)), round(s * math.sin(angle))
+            out[j] = _translate(x01[j], dx, dy)
+        return out
+    if name == "rotate":
+        fill = x01.mean(dim=(2, 3))
+        return torch.stack([F.rotate(x01[j], s, fill=fill[j].tolist()) for j in range(len(ids))])
+    if name == "blur":
+        if s == 0:
+            return x01.clone()
+        k = 2 * math.ceil(3 * s) + 1
+        return F.gaussian_blur(x01, [k, k], [s, s])
+    if name == "jpeg":
+        from torchvision.io import decode_jpeg, encode_jpeg
+
+        u8 = (x01 * 255).round().to(torch.uint8)
+        return torch.stack([decode_jpeg(encode_jpeg(im, quality=int(s))) for im in u8]).float() / 255
+    raise UserError(f"perturbation '{name}' is made from the source image, not from pixels")
+
+
+def _translate(img: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """Shift content by (dx, dy) pixels, replicating the edge rows/columns into the gap."""
+    _, h, w = img.shape
+    xs = (torch.arange(w) - dx).clamp(0, w - 1)
+    ys = (torch.arange(h) - dy).clamp(0, h - 1)
+    return img[:, ys][:, :, xs]
+
+
+def needs_source(view: str) -> bool:
+    return parse_view(view)[0] == "background"
+
+
+def check_source(data: str, views: list[str]) -> None:
+    if any(needs_source(v) for v in views) and not data.startswith("builtin:shapes"):
+        raise UserError("the background perturbation needs --data builtin:shapes (the object is redrawn)")
+
+
+def background_image(data: str, uri: str, view: str, seed: int, image_id: int):
+    """builtin:shapes only: the same object redrawn on a background of another kind and colours."""
+    from . import builtin_data
+
+    _, opts = builtin_data.parse_builtin(data)
+    params = builtin_data.shape_params(int(uri.rsplit("/", 1)[1]), int(opts.get("seed", 0)))
+    rng_seed = _seed(seed, image_id, view)
+    kinds = [k for k in builtin_data.BACKGROUNDS if k != params["background"]]
+    return builtin_data.render_shape(params, int(opts.get("size", 64)), background=kinds[rng_seed % len(kinds)],
+                                     bg_seed=rng_seed % (2**31))
