@@ -32,6 +32,8 @@ _EMPTY = {
                     "NULL::VARCHAR AS pooling, NULL::INTEGER AS dim",
     "errors": "SELECT NULL::VARCHAR AS uri, NULL::VARCHAR AS stage, NULL::VARCHAR AS error, NULL::VARCHAR AS message",
     "perturbations": "SELECT NULL::BIGINT AS image_id, NULL::VARCHAR AS view, NULL::FLOAT AS input_dist",
+    "twins": "SELECT NULL::VARCHAR AS layer, NULL::BIGINT AS image_id, NULL::VARCHAR AS view, "
+             "NULL::FLOAT AS feature_dist, NULL::BIGINT AS twin_rank, NULL::FLOAT AS nearest_other_dist",
     "cams": "SELECT NULL::BIGINT AS image_id, NULL::VARCHAR AS view, NULL::INTEGER AS class, NULL::INTEGER AS height, "
             "NULL::INTEGER AS width, NULL::FLOAT[] AS cam",
 }
@@ -94,6 +96,10 @@ def catalog_sql(run: RunDir) -> str:
                      f"{_lit(dims.get(k['features'], ('', 0))[0])}, {dims.get(k['features'], ('', 0))[1]})"
                      for k in meta.get("index_layers", []))
     view("index_layers", rows and f"SELECT * FROM (VALUES {rows}) t(layer, features, metric, pooling, dim)")
+    twin_layers = [k["name"] for k in meta.get("index_layers", []) if run.parquet_files("twins", layer_dir(k["name"]))]
+    view("twins", " UNION ALL ".join(
+        f"SELECT layer, image_id, view, feature_dist, twin_rank, nearest_other_dist "
+        f"FROM read_parquet({_glob(run, 'twins', layer_dir(k))})" for k in twin_layers) or None)
     g = _glob(run, "errors")
     view("errors", g and f"SELECT uri, stage, error, message FROM read_parquet({g})")
     return "\n".join(out) + "\n"

@@ -32,7 +32,8 @@ class Config:
     out: str | None = None  # None: runs/<dataset>-<model>
     k: int = 10
     stages: list[str] | None = None  # None: all
-    perturb: list[str] = field(default_factory=list)
+    # perturbed views for the continuity measure; `--set perturb=[]` for none
+    perturb: list[str] = field(default_factory=lambda: ["noise=0.05", "shift=2"])
     overwrite: bool = False
     metrics: list[str] = field(default_factory=lambda: ["l2"])
     # preprocessing: resize the short side, centre-crop image_size, normalise
@@ -50,6 +51,18 @@ class Config:
     max_image_pixels: int = 89_478_485  # PIL's own decompression-bomb limit
     min_image_side: int = 8  # smaller images carry no usable content: errors rows
     save_maps: bool = False  # also write the full conv maps (float16) into maps/
+    continuity_queries: int = 20000  # images whose views' twin rank is counted exactly; above: a seeded sample
+    # indexes and the kNN graph (stages/index.py, stages/knn.py); changing them redoes only those stages
+    index_factory: str = "auto"  # auto: chosen from N, dim and index_memory_gb; or a faiss factory string
+    index_memory_gb: float = 4.0  # memory budget of one index; beyond it the vectors are compressed (IVF-PQ)
+    index_flat_max: int = 100_000  # exact Flat index up to this many vectors
+    index_recall: float = 0.95  # ANN search parameters (nprobe, efSearch) grow until recall@k reaches this
+    exact_knn_max: int = 200_000  # kNN graph by exact blocked matmul up to this many vectors; beyond: the index
+    # analyze: precision@1 / R-precision / MAP@R need the R = class size - 1 nearest of each query, deeper
+    # than the kNN graph: an exact search for every image when there are at most deep_queries images, else
+    # for a seeded sample of deep_queries images; R is capped at deep_k
+    deep_queries: int = 20_000
+    deep_k: int = 1000
     # the embedded training of the built-in CNN (when no --weights is given)
     train_epochs: int = 8
     train_lr: float = 3e-3
@@ -156,3 +169,5 @@ def validate(cfg: Config) -> None:
         raise UserError(f"device must be auto, cpu or cuda, not {cfg.device!r}")
     if not cfg.layers:
         raise UserError("at least one layer is needed")
+    if cfg.deep_queries < 1 or cfg.deep_k < 1:
+        raise UserError("deep_queries and deep_k must be positive")

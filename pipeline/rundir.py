@@ -94,9 +94,24 @@ class RunDir:
         return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".parquet"))
 
 
+TMP_SUFFIX = ".tmp"
+
+
 def _tmp_name(path: str) -> str:
+    # a hidden name that matches no `*.parquet` / `*.json` glob: readers never see partial files
     folder, name = os.path.split(path)
-    return os.path.join(folder, f".tmp-{uuid.uuid4().hex[:12]}-{name}")
+    return os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
+
+
+def remove_stale_temporaries(root: str) -> int:
+    """Temporary files left by a killed writer (its shard has no stats file, so it is redone)."""
+    removed = 0
+    for folder, _, files in os.walk(root):
+        for f in files:
+            if f.startswith(".") and f.endswith(TMP_SUFFIX):
+                os.remove(os.path.join(folder, f))
+                removed += 1
+    return removed
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

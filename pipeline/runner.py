@@ -13,7 +13,7 @@ import warnings
 from . import catalog
 from .config import STAGES, Config, UserError
 from .progress import progress, say
-from .rundir import RunDir
+from .rundir import RunDir, remove_stale_temporaries
 
 # config keys whose change makes existing ingest/extract output wrong for this run
 _FINGERPRINT_KEYS = ("data", "model", "weights", "layers", "image_size", "resize", "mean", "std", "shard_size",
@@ -54,6 +54,15 @@ def connect_ray(num_cpus: int | None = None) -> None:
     import logging
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def ray_info() -> dict:
+    """Where this invocation ran (run.json "ray"): the cluster's address and size."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return {"address": ray.get_runtime_context().gcs_address, "nodes": len(nodes),
+            "cpus": sum(n["Resources"].get("CPU", 0) for n in nodes), "gpus": sum(n["Resources"].get("GPU", 0) for n in nodes)}
 
 
 def index_layers(cfg: Config, layers) -> list[dict]:
@@ -155,8 +164,10 @@ def run_pipeline(cfg: Config, quiet: bool = False) -> dict:
     meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     meta.setdefault("stages", {})
     os.makedirs(run.path, exist_ok=True)
+    remove_stale_temporaries(run.path)
     run.write_meta(meta)
     connect_ray()
+    run.write_meta({**run.read_meta(), "ray": ray_info()})
     summary: dict = {"run": run.path}
     from stages import extract, ingest, train
 

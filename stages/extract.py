@@ -67,7 +67,7 @@ class ShardExtractor:
         cfg = spec["cfg"]
         model, info = build_model(spec["model"], spec["weights"], spec["num_classes"])
         self.device = pick_device(spec["device"])
-        self.pre = preprocess_for(_Cfg(cfg), info)
+        self.pre = preprocess_for(_Cfg(cfg), info).to(self.device)
         traced = Traced(model, self.pre.image_size)
         self.layers = [Layer(**d) for d in spec["layers"]]
         nodes = list(dict.fromkeys(layer.node for layer in self.layers))
@@ -81,6 +81,10 @@ class ShardExtractor:
         self.views = list(spec.get("views") or [])
         self.data, self.seed = cfg["data"], int(cfg["seed"])
         self.pool = ThreadPoolExecutor(1)  # decoding overlaps the forward pass
+        self.write_pool = ThreadPoolExecutor(1)  # one writer thread keeps each file's row order
+        self.pending_writes: list = []
+        threads = int(spec.get("decode_threads") or 1)
+        self.decoders = ThreadPoolExecutor(threads) if threads > 1 else None
 
     # Ray Data passes a batch of shard indices (batch_size=1: one shard per call)
     def __call__(self, batch: dict) -> dict:
@@ -92,26 +96,48 @@ class ShardExtractor:
         from . import perturb
         from .images import decode_rgb
 
-        ids, uris, images, errors = [], [], [], []
-        for image_id, uri, data in rows:
+        def one(row):
             try:
-                images.append(decode_rgb(data))
+                return decode_rgb(row[2]), None
+            except Exception as exc:  # validated at ingest; a failure here is still one row, not a crash
+                return None, f"{type(exc).__name__}: {exc}"
+
+        # a GPU replica outruns one decoding thread: then decode with several (the decoders release the GIL)
+        decoded = list(self.decoders.map(one, rows)) if self.decoders else [one(r) for r in rows]
+        ids, uris, images, errors = [], [], [], []
+        for (image_id, uri, _), (img, err) in zip(rows, decoded):
+            if img is None:
+                errors.append((uri, err))
+            else:
+                images.append(img)
                 ids.append(image_id)
                 uris.append(uri)
-            except Exception as exc:  # validated at ingest; a failure here is still one row, not a crash
-                errors.append((uri, f"{type(exc).__name__}: {exc}"))
-        if not images:
-            return ids, {}, errors
-        x_u8 = self.pre.geometry(images)
+        raw = {"orig": images}
+        for view in self.views:
+            if images and perturb.needs_source(view):
+                raw[view] = [torch_from_pil(perturb.background_image(self.data, u, view, self.seed, i))
+                             for i, u in zip(ids, uris)]
+        if images and self.device.type == "cpu":  # on CPU the whole input pipeline stays in this thread
+            return ids, self._inputs(ids, raw), errors
+        return ids, raw, errors
+
+    def _inputs(self, ids: list[int], raw: dict) -> dict:
+        """Decoded uint8 images -> the model inputs of every view, on the replica's device.
+
+        On a GPU the uint8 batch is moved first and resized, perturbed and normalised there:
+        doing that on the CPU (4x the bytes as float, one thread) capped a GPU replica at a
+        tenth of its forward rate.
+        """
+        from . import perturb
+
+        x_u8 = self.pre.geometry(raw["orig"], self.device)
         inputs = {"orig": self.pre.normalize(x_u8)}
         for view in self.views:
-            if perturb.needs_source(view):
-                redrawn = [perturb.background_image(self.data, u, view, self.seed, i) for i, u in zip(ids, uris)]
-                xv = self.pre.normalize(self.pre.geometry([torch_from_pil(im) for im in redrawn]))
+            if view in raw:
+                inputs[view] = self.pre.normalize(self.pre.geometry(raw[view], self.device))
             else:
-                xv = self.pre.normalize(perturb.apply(x_u8.float() / 255, ids, view, self.seed), scale=255)
-            inputs[view] = xv
-        return ids, inputs, errors
+                inputs[view] = self.pre.normalize(perturb.apply(x_u8.float(), ids, view, self.seed))
+        return inputs
 
     def extract_shard(self, index: int) -> dict:
         start = time.perf_counter()
@@ -131,6 +157,8 @@ class ShardExtractor:
                 errors += bad
                 if not ids:
                     continue
+                if self.device.type != "cpu":
+                    inputs = self._inputs(ids, inputs)
                 pred = self._write_batch(writers, ids, inputs["orig"], "orig")
                 for view in self.views:
                     # CAM and CAM pooling of a view use the original's predicted class: the same
@@ -138,12 +166,18 @@ class ShardExtractor:
                     self._write_batch(writers, ids, inputs[view], view, cam_class=pred)
                     self._write_input_dist(writers, ids, view, inputs[view] - inputs["orig"])
                 n_rows += len(ids)
+            for f in self.pending_writes:
+                f.result()  # re-raises a failed write
             for w in writers.values():
                 w.close()
         except BaseException:
+            for f in self.pending_writes:
+                f.exception()  # let the writer thread finish before the files go
             for w in writers.values():
                 w.abort()
             raise
+        finally:
+            self.pending_writes = []
         if errors:
             write_table_atomic(self.run.p("errors", f"extract-{name}.parquet"), pa.table({
                 "uri": [u for u, _ in errors], "stage": ["extract"] * len(errors),
@@ -164,46 +198,57 @@ class ShardExtractor:
         return writers[path]
 
     def _write_input_dist(self, writers, ids, view: str, diff) -> None:
-        dist = diff.flatten(1).norm(dim=1).numpy().astype(np.float32)
-        w = self._writer(writers, "views", VIEWS_SCHEMA)
-        w.write(pa.table({"image_id": pa.array(ids, pa.int64()), "view": pa.array([view] * len(ids)),
-                          "input_dist": pa.array(dist)}, schema=VIEWS_SCHEMA))
+        dist = diff.flatten(1).norm(dim=1).cpu().numpy().astype(np.float32)
+
+        def write():
+            w = self._writer(writers, "views", VIEWS_SCHEMA)
+            w.write(pa.table({"image_id": pa.array(ids, pa.int64()), "view": pa.array([view] * len(ids)),
+                              "input_dist": pa.array(dist)}, schema=VIEWS_SCHEMA))
+
+        self.pending_writes.append(self.write_pool.submit(write))
 
     def _write_batch(self, writers, ids, x, view: str, cam_class=None):
-        """One forward for every layer; returns the predicted classes."""
+        """One forward for every layer; returns the predicted classes. The Parquet writing goes
+        to the writer thread, so the model (a GPU especially) is not idle while rows are encoded."""
         torch = self.torch
         from .layers import class_activation_map, pool
 
         with torch.inference_mode():
-            outs = self.extractor(x.to(self.device, non_blocking=True))
+            outs = self.extractor(x)
             logits = outs[self.extractor.logits_name].float()
             prob, pred = torch.softmax(logits, dim=1).max(dim=1)
             cls = pred if cam_class is None else cam_class.to(self.device)
-            cam = None
+            cam = fmap = None
             if self.cam_node:
                 fmap = outs[self.cam_node].float()
                 cam = class_activation_map(fmap, self.head_w, cls)
             vecs = {layer.name: pool(outs[layer.node].float(), layer.pooling, cam).cpu().numpy()
                     for layer in self.layers}
+            pred_np, prob_np, cls_np = pred.cpu().numpy(), prob.cpu().numpy(), cls.cpu().numpy()
+            cam_np = cam.cpu().numpy() if cam is not None else None
+            fmap_np = fmap.half().cpu().numpy() if cam is not None and self.save_maps else None
+        self.pending_writes.append(self.write_pool.submit(
+            self._write_rows, writers, ids, view, pred_np, prob_np, vecs, cls_np, cam_np, fmap_np))
+        return pred.cpu()
+
+    def _write_rows(self, writers, ids, view, pred, prob, vecs, cls, cam, fmap) -> None:
         n = len(ids)
         common = {"image_id": pa.array(ids, pa.int64()), "view": pa.array([view] * n, pa.string()),
-                  "pred": pa.array(pred.cpu().numpy().astype(np.int32)), "prob": pa.array(prob.cpu().numpy())}
+                  "pred": pa.array(pred.astype(np.int32)), "prob": pa.array(prob)}
         for layer in self.layers:
             vec = vecs[layer.name]
             w = self._writer(writers, os.path.join("features", layer_dir(layer.name)), features_schema(vec.shape[1]))
             w.write(pa.table({**common, "vec": _fixed(vec, np.float32)}, schema=w.schema))
         if cam is not None:
             h, wd = cam.shape[1:]
-            map_size = fmap.shape[1] * h * wd if self.save_maps else None
+            map_size = fmap[0].size if fmap is not None else None
             w = self._writer(writers, os.path.join("maps", CAM_LAYER), maps_schema(h * wd, map_size))
-            cols = {"image_id": common["image_id"], "view": common["view"],
-                    "class": pa.array(cls.cpu().numpy().astype(np.int32)),
+            cols = {"image_id": common["image_id"], "view": common["view"], "class": pa.array(cls.astype(np.int32)),
                     "height": pa.array(np.full(n, h, np.int32)), "width": pa.array(np.full(n, wd, np.int32)),
-                    "cam": _fixed(cam.cpu().numpy(), np.float32)}
+                    "cam": _fixed(cam, np.float32)}
             if map_size:
-                cols["map"] = _fixed(fmap.cpu().numpy(), np.float16)
+                cols["map"] = _fixed(fmap, np.float16)
             w.write(pa.table(cols, schema=w.schema))
-        return pred.cpu()
 
 
 def torch_from_pil(img):
@@ -230,8 +275,10 @@ def run(run_dir: RunDir, cfg, spec: dict, n_shards: int, progress) -> dict:
         gpus = int(resources.get("GPU", 0)) if cfg.device != "cpu" else 0
         nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
         if gpus:
-            replicas, remote = cfg.replicas or gpus, {"num_gpus": 1, "num_cpus": 1}
-            spec = {**spec, "device": "cuda", "threads": 1}
+            replicas = cfg.replicas or gpus
+            cpus = max(1, int(resources.get("CPU", 1)) // replicas)
+            remote = {"num_gpus": 1, "num_cpus": cpus}
+            spec = {**spec, "device": "cuda", "threads": 1, "decode_threads": cpus}
         else:
             # CPU: by default one replica per node owning all its cores (torch threads beat
             # several single-threaded replicas fighting over the same cores)
@@ -242,8 +289,11 @@ def run(run_dir: RunDir, cfg, spec: dict, n_shards: int, progress) -> dict:
             spec = {**spec, "device": "cpu", "threads": threads}
         replicas = max(1, min(replicas, len(todo)))
         ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
+        # a replica killed mid-shard is restarted and its shard retried (Ray Data's defaults, pinned here
+        # because exactly-once rests on them): the retry rewrites the same final names with the same content
         ds = ds.map_batches(ShardExtractor, fn_constructor_args=(run_dir.path, spec), batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=replicas), **remote)
+                            compute=ray.data.ActorPoolStrategy(size=replicas), max_restarts=-1,
+                            max_task_retries=-1, **remote)
         for _ in progress(ds.iter_rows(), "extract", n_shards - len(todo), n_shards):
             pass
     stats = run_dir.read_stats("extract")

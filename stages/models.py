@@ -87,6 +87,15 @@ def _state_dict(obj: dict, path: str) -> dict:
 
 def build_model(name: str, weights: str | None = None, num_classes: int | None = None) -> tuple[nn.Module, ModelInfo]:
     """Return an eval-mode model and what the rest of the pipeline needs to know about it."""
+    if weights:
+        return _build_model(name, weights, num_classes)
+    # a randomly initialised model is seeded: every replica, retried shard and rerun builds the same one
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _build_model(name, weights, num_classes)
+
+
+def _build_model(name: str, weights: str | None, num_classes: int | None) -> tuple[nn.Module, ModelInfo]:
     check_model_name(name)
     ckpt, sd = {}, None
     if weights:
@@ -119,7 +128,7 @@ def build_model(name: str, weights: str | None = None, num_classes: int | None =
             raise UserError(f"{weights} does not fit {name}: missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}")
         info.weights = os.path.abspath(weights)
     else:
-        warnings.warn(f"{name}: no --weights given, the model is randomly initialised", stacklevel=2)
+        warnings.warn(f"{name}: no --weights given, the model is randomly initialised (seeded)", stacklevel=3)
     info.class_names = ckpt.get("class_names") if isinstance(ckpt.get("class_names"), list) else None
     return model.eval(), info
 
@@ -160,11 +169,16 @@ class Preprocess:
             batch = F.center_crop(batch, [self.image_size, self.image_size])
         return batch
 
-    def geometry(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """uint8 images of any size -> uint8 (N, 3, S, S) at the model's input size."""
+    def to(self, device) -> "Preprocess":
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
+    def geometry(self, images: list[torch.Tensor], device=None) -> torch.Tensor:
+        """uint8 images of any size -> uint8 (N, 3, S, S) at the model's input size, on `device`."""
         if all(im.shape == images[0].shape for im in images):
-            return self._geometry(torch.stack(images))  # one resize call for the whole batch
-        return torch.stack([self._geometry(im) for im in images])
+            # one transfer and one resize call for the whole batch
+            return self._geometry(torch.stack(images).to(device, non_blocking=True))
+        return torch.stack([self._geometry(im.to(device, non_blocking=True)) for im in images])
 
     def normalize(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """uint8-range (scale=1) or [0, 1] (scale=255) pixels -> the model's input space."""

@@ -53,40 +53,49 @@ def _seed(seed: int, image_id: int, view: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}/{image_id}/{view}".encode(), digest_size=8).digest(), "big") >> 1
 
 
-def apply(x01: torch.Tensor, ids: list[int], view: str, seed: int) -> torch.Tensor:
-    """x01: (N, 3, H, W) float in [0, 1] -> the perturbed batch, same shape, in [0, 1]."""
+def apply(x: torch.Tensor, ids: list[int], view: str, seed: int) -> torch.Tensor:
+    """x: (N, 3, H, W) float pixel values in [0, 255] -> the perturbed batch, same shape and range.
+
+    Strengths are in [0, 1] pixel units (x 255 here); working on 0..255 values keeps a view of
+    strength 0 bit-identical to the original.
+    """
     from torchvision.transforms.v2 import functional as F
 
     name, s = parse_view(view)
     if name == "noise":
-        noise = torch.stack([torch.randn(x01.shape[1:], generator=torch.Generator().manual_seed(_seed(seed, i, view)))
+        # one generator per image: the same noise whatever batch the image lands in (on a given
+        # device type: CPU and CUDA generators draw different streams from the same seed)
+        noise = torch.stack([torch.randn(x.shape[1:], device=x.device,
+                                         generator=torch.Generator(x.device).manual_seed(_seed(seed, i, view)))
                              for i in ids])
-        return (x01 + s * noise).clamp(0, 1)
+        return (x + (s * 255) * noise).clamp(0, 255)
     if name == "brightness":
-        return (x01 + s).clamp(0, 1)
+        return (x + s * 255).clamp(0, 255)
     if name == "contrast":
-        mean = x01.mean(dim=(1, 2, 3), keepdim=True)
-        return ((x01 - mean) * (1 + s) + mean).clamp(0, 1)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        return ((x - mean) * (1 + s) + mean).clamp(0, 255)
     if name == "shift":
-        out = torch.empty_like(x01)
+        out = torch.empty_like(x)
         for j, i in enumerate(ids):
             angle = (_seed(seed, i, view) % 3600) / 3600 * 2 * math.pi
-            dx, dy = round(s * math.cos(angle)), round(s * math.sin(angle))
-            out[j] = _translate(x01[j], dx, dy)
+            out[j] = _translate(x[j], round(s * math.cos(angle)), round(s * math.sin(angle)))
         return out
     if name == "rotate":
-        fill = x01.mean(dim=(2, 3))
-        return torch.stack([F.rotate(x01[j], s, fill=fill[j].tolist()) for j in range(len(ids))])
+        if s == 0:
+            return x.clone()
+        fill = x.mean(dim=(2, 3))
+        return torch.stack([F.rotate(x[j], s, interpolation=F.InterpolationMode.BILINEAR, fill=fill[j].tolist())
+                            for j in range(len(ids))])
     if name == "blur":
         if s == 0:
-            return x01.clone()
+            return x.clone()
         k = 2 * math.ceil(3 * s) + 1
-        return F.gaussian_blur(x01, [k, k], [s, s])
+        return F.gaussian_blur(x, [k, k], [s, s])
     if name == "jpeg":
         from torchvision.io import decode_jpeg, encode_jpeg
 
-        u8 = (x01 * 255).round().to(torch.uint8)
-        return torch.stack([decode_jpeg(encode_jpeg(im, quality=int(s))) for im in u8]).float() / 255
+        u8 = x.round().clamp(0, 255).to(torch.uint8).cpu()
+        return torch.stack([decode_jpeg(encode_jpeg(im, quality=int(s))) for im in u8]).float().to(x.device)
     raise UserError(f"perturbation '{name}' is made from the source image, not from pixels")
 
 

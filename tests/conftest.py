@@ -28,7 +28,8 @@ def digits_run(ray_session, tmp_path_factory):
     from pipeline.runner import run_pipeline
 
     out = tmp_path_factory.mktemp("digits") / "run"
-    cfg = build_config(None, {"out": str(out)}, ["train_epochs=4"])
+    cfg = build_config(None, {"out": str(out)},
+                       ["train_epochs=4", "perturb=[noise=0.02,noise=0.05,noise=0.1,noise=0.2,shift=2]"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_pipeline(cfg, quiet=True)

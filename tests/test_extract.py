@@ -60,12 +60,15 @@ def test_views_cover_every_image_once(digits_run):
     n = con.execute("SELECT count(*) FROM images").fetchone()[0]
     for layer in ("conv", "penultimate"):
         assert con.execute(f"SELECT count(*), count(DISTINCT image_id) FROM embeddings WHERE layer = '{layer}'"
-                       ).fetchone() == (n, n)
-    assert con.execute("SELECT count(*) FROM predictions").fetchone()[0] == n
+                           " AND view = 'orig'").fetchone() == (n, n)
+        # and each perturbed view once per image
+        assert con.execute(f"SELECT count(DISTINCT view), count(*) FROM embeddings WHERE layer = '{layer}'"
+                           ).fetchone() == (6, 6 * n)
+    assert con.execute("SELECT count(*) FROM predictions WHERE view = 'orig'").fetchone()[0] == n
     assert con.execute("SELECT count(*) FROM layers").fetchone()[0] == 2
     # the typed per-layer view works with DuckDB's array functions
     d = con.execute("SELECT array_distance(a.vec, b.vec) FROM embeddings_conv a, embeddings_conv b "
-                "WHERE a.image_id = b.image_id LIMIT 1").fetchone()[0]
+                "WHERE a.image_id = b.image_id AND a.view = b.view LIMIT 1").fetchone()[0]
     assert d == 0
 
 
@@ -80,7 +83,7 @@ def _mtimes(path):
 
 
 def _shapes_cfg(out, **extra):
-    sets = ["shard_size=40", "train_epochs=0", "batch_size=16"] + [f"{k}={v}" for k, v in extra.items()]
+    sets = ["shard_size=40", "train_epochs=0", "batch_size=16", "perturb=[]"] + [f"{k}={v}" for k, v in extra.items()]
     return build_config(None, {"data": "builtin:shapes?n=100", "out": str(out),
                                "stages": ["ingest", "extract"]}, sets)
 
