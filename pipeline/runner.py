@@ -195,8 +195,10 @@ def run_pipeline(cfg: Config, quiet: bool = False) -> dict:
 
             try:
                 module = importlib.import_module(f"stages.{stage}")
-            except ModuleNotFoundError:
-                continue  # not built yet
+            except ModuleNotFoundError as exc:
+                if exc.name != f"stages.{stage}":
+                    raise  # a missing dependency inside the stage is an error, not "not built"
+                continue  # no such stage module (report)
             _require(run, stage, "extract")
             res = module.run(run, cfg, progress)
         run.update_stage(stage, **_plain(res), status="done", wall_seconds=round(time.perf_counter() - t0, 2))

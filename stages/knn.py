@@ -1,0 +1,200 @@
+"""kNN graph: every image's k nearest neighbours (own id excluded) per index layer
+-> `knn/<layer>/part-NNNNN.parquet` (layer, query_id, rank, neighbor_id, distance).
+
+Exact (blocked torch matmul + top-k, see stages/vectors.py) up to `exact_knn_max` vectors,
+through the layer's FAISS index beyond; either way the distances of the neighbours found are
+recomputed exactly, in the index json's metric. A row the index leaves short of k neighbours
+is redone exactly.
+
+Ray: the base vectors are `ray.put` once per layer and handed to one worker actor per node
+(per GPU when there is one), which reads them zero-copy from the object store (and, for ANN,
+reads the index file itself); each actor
+owns all its node's cores (one process running torch on 2 threads measured the same as two
+single-threaded ones, and holds one copy of an ANN index instead of two). The unit of work and
+of resume is a block of `shard_size` consecutive queries; its stats file
+(`stats/knn/<layer>/part-NNNNN.json`, written last) records k, the method and the base and
+index signatures, and a shard whose record no longer matches is redone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import UserError
+from pipeline.rundir import RunDir, layer_dir, shard_name, write_json_atomic, write_table_atomic
+
+from .vectors import base_signature, exact_candidates, finish, load_base, score_buffer
+
+KNN_SCHEMA = pa.schema([("layer", pa.string()), ("query_id", pa.int64()), ("rank", pa.int32()),
+                        ("neighbor_id", pa.int64()), ("distance", pa.float32())])
+
+
+class KnnWorker:
+    """Holds one layer's base (zero-copy from the object store) and, for ANN, its index."""
+
+    def __init__(self, run_path: str, layer: str, ids: np.ndarray, base: np.ndarray, index_path: str | None,
+                 metric: str, k: int, threads: int, device: str):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.run, self.layer, self.metric, self.k, self.device = RunDir(run_path), layer, metric, k, device
+        self.ids, self.base = ids, base
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the store's arrays are read-only; torch only reads them
+            self.base_t = torch.from_numpy(base).to(device)
+        self.base_sq = (self.base_t * self.base_t).sum(1) if metric == "l2" else None
+        self.buf = score_buffer(device)
+        self.index = None
+        if index_path is not None:
+            import faiss
+
+            faiss.omp_set_num_threads(threads)
+            self.index = faiss.read_index(index_path)
+            self.order = np.argsort(ids, kind="stable")  # image id -> base position
+            self.sorted_ids = ids[self.order]
+
+    def _exact(self, q: np.ndarray, qids: np.ndarray):
+        import torch
+
+        cand = exact_candidates(torch.from_numpy(q).to(self.device), self.base_t, self.base_sq, self.k + 1,
+                                self.metric, self.buf)
+        return finish(q, qids, cand, self.base, self.ids, self.k, self.metric)
+
+    def _ann(self, q: np.ndarray, qids: np.ndarray):
+        _, found = self.index.search(q, self.k + 1)
+        pos = self.order[np.clip(np.searchsorted(self.sorted_ids, found), 0, len(self.ids) - 1)]
+        pos = np.where((found >= 0) & (self.ids[pos] == found), pos, -1)
+        nid, dist = finish(q, qids, pos, self.base, self.ids, self.k, self.metric)
+        short = ~np.isfinite(dist).all(axis=1)
+        if short.any():
+            nid[short], dist[short] = self._exact(q[short], qids[short])
+        return nid, dist
+
+    def shard(self, index: int, lo: int, hi: int, record: dict) -> dict:
+        from .vectors import Q_BLOCK
+
+        start = time.perf_counter()
+        parts = []
+        for a in range(lo, hi, Q_BLOCK):
+            b = min(hi, a + Q_BLOCK)
+            q, qids = np.ascontiguousarray(self.base[a:b]), self.ids[a:b]
+            parts.append(self._ann(q, qids) if self.index is not None else self._exact(q, qids))
+        nid, dist = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        m, k = nid.shape
+        table = pa.table({"layer": pa.array([self.layer] * (m * k), pa.string()),
+                          "query_id": pa.array(np.repeat(self.ids[lo:hi], k)),
+                          "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int32), m)),
+                          "neighbor_id": pa.array(nid.ravel()), "distance": pa.array(dist.ravel())}, schema=KNN_SCHEMA)
+        write_table_atomic(self.run.p("knn", layer_dir(self.layer), shard_name(index) + ".parquet"), table)
+        stats = {**record, "shard": index, "rows": m * k, "queries": m,
+                 "seconds": round(time.perf_counter() - start, 3)}
+        self.run.write_stats(f"knn/{layer_dir(self.layer)}", index, stats)  # last: the shard is complete
+        return stats
+
+
+def _workers(cfg, method: str, n_jobs: int) -> tuple[int, dict, int, str]:
+    """(actors, Ray resources per actor, torch/FAISS threads, device)."""
+    import ray
+
+    import torch
+
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if cfg.device != "cpu" else 0
+    if gpus and method == "exact" and torch.cuda.is_available():
+        return min(gpus, n_jobs), {"num_gpus": 1, "num_cpus": 1}, 1, "cuda"
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    per_node = int(min(n["Resources"]["CPU"] for n in nodes)) if nodes else 1
+    return max(1, min(len(nodes) or 1, n_jobs)), {"num_cpus": per_node}, per_node, "cpu"
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _index_info(run_dir: RunDir, name: str) -> dict | None:
+    return _read_json(run_dir.p("index", layer_dir(name) + ".json"))
+
+
+def _plan(cfg, name: str, n: int, sig: str, info: dict | None) -> tuple[dict, list]:
+    """What a finished shard must record for this run, and the shards: (index, first, end) query rows."""
+    exact = n <= cfg.exact_knn_max or (info is not None and info.get("factory") == "Flat")
+    if not exact and (info is None or info.get("base") != sig):
+        raise UserError(f"layer '{name}' has {n} vectors (> exact_knn_max={cfg.exact_knn_max}) and no current "
+                        f"index: run the index stage first")
+    record = {"layer": name, "k": min(cfg.k, n - 1), "method": "exact" if exact else "index", "base": sig,
+              "index": None if exact else info["factory"] + "|" + json.dumps(info.get("search_params"), sort_keys=True)}
+    size = max(1, cfg.shard_size)
+    return record, [(i, lo, min(n, lo + size)) for i, lo in enumerate(range(0, n, size))]
+
+
+def knn_layer(run_dir: RunDir, cfg, entry: dict, progress) -> dict:
+    import ray
+
+    name, metric = entry["name"], entry["metric"]
+    stage = f"knn/{layer_dir(name)}"
+    sig = base_signature(run_dir, entry["features"], metric)
+    info = _index_info(run_dir, name)
+    summary_path = run_dir.p("stats", "knn", layer_dir(name) + ".json")
+
+    def current(record: dict, i: int) -> bool:
+        if not run_dir.shard_done(stage, i):
+            return False
+        with open(run_dir.stats_path(stage, i)) as fh:
+            old = json.load(fh)
+        return all(old.get(key) == val for key, val in record.items())
+
+    # resume without reading the vectors when the layer's summary and every shard still match
+    old = _read_json(summary_path)
+    if old and old.get("base") == sig:
+        record, shards = _plan(cfg, name, old["queries"], sig, info)
+        if all(current(record, i) for i, _, _ in shards):
+            return {**old, "redone": 0}
+    ids, base = load_base(run_dir, entry["features"], metric)
+    n = len(ids)
+    record, shards = _plan(cfg, name, n, sig, info)
+    k, exact = record["k"], record["method"] == "exact"
+    todo = [s for s in shards if not current(record, s[0])]
+    # shards of an earlier, larger base would otherwise stay visible in the knn view
+    for f in run_dir.parquet_files("knn", layer_dir(name))[len(shards):]:
+        os.remove(f)
+    t0 = time.perf_counter()
+    if todo and k > 0:
+        n_actors, resources, threads, device = _workers(cfg, record["method"], len(todo))
+        # each actor reads the index file itself (the run directory is shared, as for every stage):
+        # no serialised copy in the driver or the object store
+        index_path = None if exact else run_dir.p("index", layer_dir(name) + ".faiss")
+        ids_ref, base_ref = ray.put(ids), ray.put(base)  # once; every actor maps the same memory
+        del base
+        # a worker killed mid-shard is restarted and the shard retried; shard writes are idempotent
+        cls = ray.remote(max_restarts=-1, max_task_retries=-1, **resources)(KnnWorker)
+        actors = [cls.remote(run_dir.path, name, ids_ref, base_ref, index_path, metric, k, threads, device)
+                  for _ in range(n_actors)]
+        refs = [actors[j % n_actors].shard.remote(i, lo, hi, record) for j, (i, lo, hi) in enumerate(todo)]
+        try:
+            for _ in progress(refs, f"knn {name}", len(shards) - len(todo), len(shards)):
+                pass
+        finally:
+            for a in actors:
+                ray.kill(a)
+    stats = [json.load(open(run_dir.stats_path(stage, i))) for i, _, _ in shards] if k > 0 else []
+    out = {**record, "shards": len(shards), "redone": len(todo), "rows": sum(s["rows"] for s in stats),
+           "queries": n, "seconds": round(sum(s["seconds"] for s in stats), 3),
+           "wall_seconds": round(time.perf_counter() - t0, 3)}
+    write_json_atomic(summary_path, out)
+    return out
+
+
+def run(run_dir: RunDir, cfg, progress) -> dict:
+    entries = run_dir.read_meta().get("index_layers", [])
+    res = [knn_layer(run_dir, cfg, e, progress) for e in entries]
+    return {"layers": len(res), "k": cfg.k, "shards": sum(r["shards"] for r in res),
+            "redone": sum(r["redone"] for r in res), "rows": sum(r["rows"] for r in res),
+            "seconds": round(sum(r["seconds"] for r in res), 3)}
