@@ -64,7 +64,11 @@ def twins_for_layer(run: RunDir, entry: dict, max_queries: int, seed: int, devic
     keep = np.isin(v_ids, queries)
     v_ids, v_names, v_vecs = v_ids[keep], v_names[keep], v_vecs[keep]
     qpos = np.array([pos[int(i)] for i in v_ids])
-    twin_d = exact_distances(base[qpos], v_vecs[:, None, :], metric)[:, 0]
+    if metric == "cosine":
+        # for unit vectors 1 - cos = ||a - b||^2 / 2: exactly 0 for an unchanged view, never negative
+        twin_d = (0.5 * ((base[qpos] - v_vecs) ** 2).sum(1)).astype(np.float32)
+    else:
+        twin_d = exact_distances(base[qpos], v_vecs[:, None, :], metric)[:, 0]
 
     base_t = torch.from_numpy(base).to(device)
     base_sq = (base_t * base_t).sum(1)

@@ -1,0 +1,203 @@
+-- class_distances: are same-class images closer than different-class images?
+--
+-- One row per (layer, scope), for every layer of the knn view:
+--   scope 'knn'     every (query, neighbour) edge exactly as the knn view lists it (rank <= k),
+--                   with the distance it lists
+--   scope 'global'  a seeded uniform sample of `pairs` ordered pairs of distinct images (drawn
+--                   with replacement), distances computed here in the layer's metric: l2 =
+--                   list_distance (Euclidean, = array_distance), cosine = list_cosine_distance
+--                   (1 - cosine similarity); the same pairs for every layer
+--
+--   pairs                  pairs measured (same_n + diff_n)
+--   same_* / diff_*        count, mean, sample std and 5th/50th/95th percentiles (linear
+--                          interpolation) of the distances of same-class / different-class pairs
+--   same_diff_ratio        same_mean / diff_mean (below 1: classes are tighter than the whole)
+--   auc                    ROC-AUC of -distance as a score for "same class": the chance that a random
+--                          same-class pair is closer than a random different-class pair, ties count 1/2
+--   triplet_violation_rate share of (anchor, positive, negative) triplets with d(a,p) >= d(a,n):
+--                          'knn': every triplet within one query's neighbour list (a = the query, p
+--                          and n two of its neighbours; their rank decides, so of two neighbours at
+--                          exactly the same distance the one ranked first counts as nearer);
+--                          'global': `triplets` seeded triplets, a
+--                          uniform over the images, p uniform over the other images of a's class, n
+--                          uniform over the images of other classes
+--   triplets               the triplets behind triplet_violation_rate
+--
+-- Sampling: the images with features are numbered 0..N-1 in (label, image_id) order; draw i uses
+-- hash(i, seed, '<role>') modulo the range it picks from, so a seed gives the same sample on every
+-- run and machine of one DuckDB version.
+--
+-- Parameters (set any before `.read`, e.g. SET VARIABLE pairs = 1000000;):
+--   layer     one knn layer; NULL (default) = every layer
+--   k         neighbours per image for scope 'knn', 1 .. the run's k; default = all the knn view lists
+--   seed      the sampling seed (default 0)
+--   pairs     global pairs sampled (default 100000)
+--   triplets  global triplets sampled (default 100000)
+SET VARIABLE layer = coalesce(getvariable('layer'), NULL)::VARCHAR;
+SET VARIABLE k = coalesce(getvariable('k'), (SELECT max(rank) FROM knn))::INTEGER;
+SET VARIABLE seed = coalesce(getvariable('seed'), 0)::BIGINT;
+SET VARIABLE pairs = coalesce(getvariable('pairs'), 100000)::BIGINT;
+SET VARIABLE triplets = coalesce(getvariable('triplets'), 100000)::BIGINT;
+
+WITH
+labels AS (SELECT image_id, label FROM images),
+measured_layers AS (
+    SELECT layer, features, metric FROM index_layers
+    WHERE (getvariable('layer') IS NULL OR layer = getvariable('layer'))
+      AND layer IN (SELECT DISTINCT layer FROM knn)
+),
+vectors AS (SELECT layer AS features, image_id, vec FROM embeddings WHERE view = 'orig'),
+
+-- scope knn: every edge
+knn_pairs AS (
+    SELECT knn.layer, 'knn' AS scope, knn.query_id AS anchor, knn.rank, knn.distance, q.label = nb.label AS same
+    FROM knn
+    JOIN labels q ON q.image_id = knn.query_id
+    JOIN labels nb ON nb.image_id = knn.neighbor_id
+    WHERE (getvariable('layer') IS NULL OR knn.layer = getvariable('layer'))
+      AND knn.rank <= getvariable('k')
+),
+
+-- the images with features, numbered in (label, image_id) order: a class is one block of numbers
+numbered AS (
+    SELECT image_id, label,
+        row_number() OVER (ORDER BY label, image_id) - 1 AS idx,
+        row_number() OVER (ORDER BY label, image_id) - row_number() OVER (PARTITION BY label ORDER BY image_id) AS class_start,
+        count(*) OVER (PARTITION BY label) AS class_size,
+        count(*) OVER () AS n
+    FROM predictions JOIN labels USING (image_id)
+    WHERE view = 'orig'
+),
+total AS (SELECT any_value(n) AS n FROM numbered),
+
+-- scope global: pair i = (a, b), a uniform, b uniform over the others
+pair_draws AS (
+    SELECT a, b + (b >= a)::BIGINT AS b   -- b skips a
+    FROM (
+        SELECT (hash(i, getvariable('seed'), 'pair-a') % n)::BIGINT AS a,
+               (hash(i, getvariable('seed'), 'pair-b') % (n - 1))::BIGINT AS b
+        FROM range(getvariable('pairs')) r(i), total
+        WHERE n > 1
+    )
+),
+-- the sampled pairs as image ids, computed once (MATERIALIZED keeps the planner from joining
+-- the vectors first), then their distances in every measured layer
+pair_ids AS MATERIALIZED (
+    SELECT pa.image_id AS anchor, pb.image_id AS other, pa.label = pb.label AS same
+    FROM pair_draws d
+    JOIN numbered pa ON pa.idx = d.a
+    JOIN numbered pb ON pb.idx = d.b
+),
+layer_vectors AS (
+    SELECT l.layer, l.metric, v.image_id, v.vec
+    FROM measured_layers l JOIN vectors v ON v.features = l.features
+),
+global_pairs AS (
+    SELECT va.layer, 'global' AS scope, p.anchor, p.same,
+        CASE va.metric WHEN 'cosine' THEN list_cosine_distance(va.vec, vb.vec)
+                       ELSE list_distance(va.vec, vb.vec) END AS distance
+    FROM pair_ids p
+    JOIN layer_vectors va ON va.image_id = p.anchor
+    JOIN layer_vectors vb ON vb.image_id = p.other AND vb.layer = va.layer
+),
+
+all_pairs AS (
+    SELECT layer, scope, distance, same FROM knn_pairs
+    UNION ALL
+    SELECT layer, scope, distance, same FROM global_pairs
+),
+stats AS (
+    SELECT layer, scope, count(*) AS pairs,
+        count(*) FILTER (WHERE same) AS same_n,
+        avg(distance) FILTER (WHERE same) AS same_mean,
+        stddev_samp(distance) FILTER (WHERE same) AS same_std,
+        quantile_cont(distance::DOUBLE, [0.05, 0.5, 0.95]) FILTER (WHERE same) AS same_q,
+        count(*) FILTER (WHERE NOT same) AS diff_n,
+        avg(distance) FILTER (WHERE NOT same) AS diff_mean,
+        stddev_samp(distance) FILTER (WHERE NOT same) AS diff_std,
+        quantile_cont(distance::DOUBLE, [0.05, 0.5, 0.95]) FILTER (WHERE NOT same) AS diff_q
+    FROM all_pairs
+    GROUP BY layer, scope
+),
+
+-- ROC-AUC by Mann-Whitney over the distinct distances: a same pair at distance d beats every
+-- different pair farther than d and ties with those at d. Integer counts until the last division.
+by_distance AS (
+    SELECT layer, scope, distance,
+        count(*) FILTER (WHERE same) AS pos,
+        count(*) FILTER (WHERE NOT same) AS neg
+    FROM all_pairs
+    GROUP BY layer, scope, distance
+),
+auc AS (
+    -- neg_before: the different pairs sorting before a row, farther in its own (layer, scope) block
+    -- or anywhere in the blocks before it (one running sum is far cheaper than one per block);
+    -- a block's smallest neg_before is what the blocks before it hold
+    SELECT layer, scope,
+        (sum(pos * (2 * neg_before + neg)) - 2 * min(neg_before) * sum(pos)) / nullif(2 * sum(pos) * sum(neg), 0) AS auc
+    FROM (SELECT *, sum(neg) OVER (ORDER BY layer, scope, distance DESC) - neg AS neg_before FROM by_distance)
+    GROUP BY layer, scope
+),
+
+-- triplets within each query's neighbour list (a = the query, p and n two of its neighbours):
+-- the knn view's rank orders them, so the j-th same-class neighbour, at rank r, is violated by
+-- the r - j different-class neighbours ranked before it
+knn_triplets AS (
+    SELECT layer, 'knn' AS scope, sum(rank_sum - n_same * (n_same + 1) / 2) AS violations,
+        sum(n_same * (n - n_same)) AS triplets
+    FROM (
+        SELECT layer, anchor, count(*) AS n, count(*) FILTER (WHERE same) AS n_same,
+            coalesce(sum(rank) FILTER (WHERE same), 0) AS rank_sum
+        FROM knn_pairs
+        GROUP BY layer, anchor
+    )
+    GROUP BY layer
+),
+
+-- global triplets: anchor uniform; positive uniform in its class block without the anchor;
+-- negative uniform over the numbers outside its class block
+triplet_draws AS (
+    SELECT anchor, label,
+        class_start + pj + (pj >= pos)::BIGINT AS p_idx,
+        nj + CASE WHEN nj >= class_start THEN class_size ELSE 0 END AS n_idx
+    FROM (
+        SELECT a.image_id AS anchor, a.label, a.class_start, a.class_size, a.idx - a.class_start AS pos,
+            (hash(d.t, getvariable('seed'), 'triplet-p') % nullif(a.class_size - 1, 0))::BIGINT AS pj,
+            (hash(d.t, getvariable('seed'), 'triplet-n') % nullif(a.n - a.class_size, 0))::BIGINT AS nj
+        FROM (SELECT t, (hash(t, getvariable('seed'), 'triplet-a') % n)::BIGINT AS a_idx
+              FROM range(getvariable('triplets')) r(t), total) d
+        JOIN numbered a ON a.idx = d.a_idx
+    )
+    WHERE pj IS NOT NULL AND nj IS NOT NULL  -- an anchor alone in its class, or only one class
+),
+triplet_ids AS MATERIALIZED (
+    SELECT d.anchor, d.label, p.image_id AS positive, ng.image_id AS negative
+    FROM triplet_draws d
+    JOIN numbered p ON p.idx = d.p_idx
+    JOIN numbered ng ON ng.idx = d.n_idx
+),
+global_triplets AS (
+    SELECT va.layer, 'global' AS scope,
+        count(*) FILTER (WHERE CASE va.metric
+            WHEN 'cosine' THEN list_cosine_distance(va.vec, vp.vec) >= list_cosine_distance(va.vec, vn.vec)
+            ELSE list_distance(va.vec, vp.vec) >= list_distance(va.vec, vn.vec) END) AS violations,
+        count(*) AS triplets
+    FROM triplet_ids t
+    JOIN layer_vectors va ON va.image_id = t.anchor
+    JOIN layer_vectors vp ON vp.image_id = t.positive AND vp.layer = va.layer
+    JOIN layer_vectors vn ON vn.image_id = t.negative AND vn.layer = va.layer
+    GROUP BY va.layer
+),
+triplets AS (SELECT * FROM knn_triplets UNION ALL SELECT * FROM global_triplets)
+
+SELECT s.layer, s.scope, s.pairs,
+    s.same_n, s.same_mean, s.same_std, s.same_q[1] AS same_p05, s.same_q[2] AS same_p50, s.same_q[3] AS same_p95,
+    s.diff_n, s.diff_mean, s.diff_std, s.diff_q[1] AS diff_p05, s.diff_q[2] AS diff_p50, s.diff_q[3] AS diff_p95,
+    s.same_mean / nullif(s.diff_mean, 0) AS same_diff_ratio,
+    a.auc,
+    t.violations / nullif(t.triplets, 0) AS triplet_violation_rate,
+    coalesce(t.triplets, 0) AS triplets
+FROM stats s
+JOIN auc a USING (layer, scope)
+LEFT JOIN triplets t USING (layer, scope)
+ORDER BY s.layer, s.scope DESC;

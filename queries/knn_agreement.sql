@@ -1,0 +1,113 @@
+-- knn_agreement: do an image's nearest neighbours share its class?
+--
+-- One row per (layer, scope): scope 'all', then one row per class (its label_name), for every
+-- layer of the knn view (an index layer: one vector set x one metric, see the index_layers view).
+--
+--   n               images (kNN queries) in the scope
+--   agreement       mean over the images of: the share of its k nearest neighbours (self
+--                   excluded) that carry the image's label
+--   pred_agreement  the same, against the image's predicted label
+--   knn_accuracy    share of images whose k neighbours vote for the image's label: the label
+--                   with most votes wins, a tie goes to the tied label that occurs nearest
+--                   (smallest rank)
+--   precision_at_1, r_precision, map_at_r
+--                   as defined by Musgrave, Belongie & Lim 2020, "A metric learning reality
+--                   check", sec. 3.2. R = number of other images with the query's label;
+--                   r_precision = share of the R nearest that carry it; map_at_r = (1/R) x sum,
+--                   over the positions i <= R that carry it, of precision@i. R reaches past the
+--                   kNN graph's k, so these three come from knn_deep: the analyze stage's exact
+--                   search, for every image (up to deep_queries images, default 20000) or else
+--                   for a seeded sample of deep_queries images, as deep as the largest R or
+--                   deep_k (default 1000), whichever is smaller; R is capped at that depth.
+--                   Images alone in their class (R = 0) are left out, as in
+--                   pytorch-metric-learning's AccuracyCalculator.
+--   deep_n          the number of queries those three are averaged over (n: every image searched)
+--
+-- Parameters (set any before `.read`, e.g. SET VARIABLE layer = 'penultimate';):
+--   layer  one knn layer; NULL (default) = every layer
+--   k      neighbours per image, 1 .. the run's k; default = every neighbour the knn view lists
+SET VARIABLE layer = coalesce(getvariable('layer'), NULL)::VARCHAR;
+SET VARIABLE k = coalesce(getvariable('k'), (SELECT max(rank) FROM knn))::INTEGER;
+
+WITH
+labels AS (SELECT image_id, label, label_name FROM images),
+
+-- one row per (layer, image): its neighbours' labels, nearest first
+neighbours AS (
+    SELECT knn.layer, knn.query_id, list(nb.label ORDER BY knn.rank) AS nb_labels
+    FROM knn JOIN labels nb ON nb.image_id = knn.neighbor_id
+    WHERE (getvariable('layer') IS NULL OR knn.layer = getvariable('layer'))
+      AND knn.rank <= getvariable('k')
+    GROUP BY knn.layer, knn.query_id
+),
+
+per_image AS (
+    SELECT n.layer, q.label, q.label_name,
+        len(list_filter(n.nb_labels, lambda x: x = q.label)) / len(n.nb_labels) AS agreement,
+        len(list_filter(n.nb_labels, lambda x: x = p.pred)) / len(n.nb_labels) AS pred_agreement,
+        -- the vote count of each position's label: the first position holding the top count is
+        -- the nearest occurrence among the tied winners
+        list_transform(n.nb_labels, lambda x: len(list_filter(n.nb_labels, lambda y: y = x))) AS votes,
+        n.nb_labels[list_position(votes, list_max(votes))] = q.label AS knn_correct
+    FROM neighbours n
+    JOIN labels q ON q.image_id = n.query_id
+    LEFT JOIN predictions p ON p.image_id = n.query_id AND p.view = 'orig'
+),
+
+agreement AS (
+    SELECT layer,
+        CASE WHEN grouping(label_name) = 1 THEN 'all' ELSE label_name END AS scope,
+        label,  -- NULL for 'all': orders the scopes
+        count(*) AS n,
+        avg(agreement) AS agreement,
+        avg(pred_agreement) AS pred_agreement,
+        avg(knn_correct::INTEGER) AS knn_accuracy
+    FROM per_image
+    GROUP BY GROUPING SETS ((layer), (layer, label, label_name))
+),
+
+-- R of a class: its other images among those with features (the search's reference set)
+class_sizes AS (
+    SELECT l.label, count(*) AS size
+    FROM predictions p JOIN labels l USING (image_id)
+    WHERE p.view = 'orig'
+    GROUP BY l.label
+),
+-- the R = class size - 1 nearest of each searched query (fewer when knn_deep stops earlier)
+deep AS (
+    SELECT d.layer, d.query_id, q.label, q.label_name, d.rank, nb.label = q.label AS hit
+    FROM knn_deep d
+    JOIN labels q ON q.image_id = d.query_id
+    JOIN class_sizes cs ON cs.label = q.label
+    JOIN labels nb ON nb.image_id = d.neighbor_id
+    WHERE (getvariable('layer') IS NULL OR d.layer = getvariable('layer'))
+      AND d.rank < cs.size
+),
+-- per query: R = the rows kept, and the ranks of the hits; the j-th hit, at rank i, adds
+-- precision@i = j / i to MAP@R
+deep_per_query AS (
+    SELECT layer, query_id, label, label_name,
+        coalesce(hit_ranks[1] = 1, false)::INTEGER AS precision_at_1,
+        coalesce(len(hit_ranks), 0) / r AS r_precision,
+        coalesce(list_sum(list_transform(hit_ranks, lambda i, j: j / i)), 0) / r AS map_at_r
+    FROM (
+        SELECT layer, query_id, label, label_name, count(*) AS r, list_sort(list(rank) FILTER (WHERE hit)) AS hit_ranks
+        FROM deep
+        GROUP BY layer, query_id, label, label_name
+    )
+),
+musgrave AS (
+    SELECT layer,
+        CASE WHEN grouping(label_name) = 1 THEN 'all' ELSE label_name END AS scope,
+        avg(precision_at_1) AS precision_at_1,
+        avg(r_precision) AS r_precision,
+        avg(map_at_r) AS map_at_r,
+        count(*) AS deep_n
+    FROM deep_per_query
+    GROUP BY GROUPING SETS ((layer), (layer, label, label_name))
+)
+
+SELECT a.layer, a.scope, a.n, a.agreement, a.pred_agreement, a.knn_accuracy,
+    m.precision_at_1, m.r_precision, m.map_at_r, coalesce(m.deep_n, 0) AS deep_n
+FROM agreement a LEFT JOIN musgrave m USING (layer, scope)
+ORDER BY a.layer, a.label NULLS FIRST;

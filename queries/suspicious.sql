@@ -1,0 +1,69 @@
+-- suspicious: images whose neighbours disagree with their label while the model is confident;
+-- the candidates for mislabels (the model and the neighbours agree on another class) and for
+-- shortcuts (the model predicts the label, but from features that sit among other classes).
+--
+-- One row per (layer, image), the `top` most suspicious images of each layer, most suspicious
+-- first: images with prob >= min_prob whose agreement (share of the k neighbours carrying the
+-- image's label) is at most max_agreement, ranked by suspicion = prob x (1 - agreement), ties
+-- by image_id.
+--   rank, image_id, uri, label_name, pred_name, prob, agreement, knn_label (the neighbours'
+--   majority vote, ties to the nearer), suspicion, neighbor_labels and neighbor_ids (nearest first)
+--
+-- Parameters (set any before `.read`):
+--   layer          one knn layer; NULL (default) = every layer
+--   k              neighbours per image, 1 .. the run's k; default = all the knn view lists
+--   top            images per layer (default 20)
+--   min_prob       the confidence an image needs (default 0.5)
+--   max_agreement  the most agreement an image may have (default 0.5)
+SET VARIABLE layer = coalesce(getvariable('layer'), NULL)::VARCHAR;
+SET VARIABLE k = coalesce(getvariable('k'), (SELECT max(rank) FROM knn))::INTEGER;
+SET VARIABLE top = coalesce(getvariable('top'), 20)::INTEGER;
+SET VARIABLE min_prob = coalesce(getvariable('min_prob'), 0.5)::DOUBLE;
+SET VARIABLE max_agreement = coalesce(getvariable('max_agreement'), 0.5)::DOUBLE;
+
+WITH
+labels AS (SELECT image_id, label, label_name FROM images),
+class_names AS (SELECT DISTINCT label, label_name FROM images),
+edges AS (
+    SELECT knn.layer, knn.query_id, knn.rank, knn.neighbor_id, nb.label, nb.label_name
+    FROM knn JOIN labels nb ON nb.image_id = knn.neighbor_id
+    WHERE (getvariable('layer') IS NULL OR knn.layer = getvariable('layer'))
+      AND knn.rank <= getvariable('k')
+),
+-- the candidates first (a plain count per image), the neighbour lists only for the top ones
+candidates AS (
+    SELECT e.layer, e.query_id AS image_id, q.label, q.label_name, p.pred, p.prob,
+        count(*) FILTER (WHERE e.label = q.label) / count(*) AS agreement
+    FROM edges e
+    JOIN labels q ON q.image_id = e.query_id
+    JOIN predictions p ON p.image_id = e.query_id AND p.view = 'orig'
+    WHERE p.prob >= getvariable('min_prob')
+    GROUP BY e.layer, e.query_id, q.label, q.label_name, p.pred, p.prob
+),
+ranked AS (
+    SELECT *, prob * (1 - agreement) AS suspicion,
+        row_number() OVER (PARTITION BY layer ORDER BY prob * (1 - agreement) DESC, image_id) AS rank
+    FROM candidates
+    WHERE agreement <= getvariable('max_agreement')
+    QUALIFY rank <= getvariable('top')
+),
+neighbours AS (
+    SELECT e.layer, e.query_id AS image_id,
+        list(e.label_name ORDER BY e.rank) AS neighbor_labels,
+        list(e.neighbor_id ORDER BY e.rank) AS neighbor_ids,
+        list(e.label ORDER BY e.rank) AS nb_labels,
+        -- the vote count of each position's label: the first position holding the top count is
+        -- the nearest occurrence among the tied winners
+        list_transform(nb_labels, lambda x: len(list_filter(nb_labels, lambda y: y = x))) AS votes
+    FROM edges e JOIN ranked r ON r.layer = e.layer AND r.image_id = e.query_id
+    GROUP BY e.layer, e.query_id
+)
+
+SELECT r.layer, r.rank, r.image_id, i.uri, r.label_name, coalesce(c.label_name, r.pred::VARCHAR) AS pred_name,
+    r.prob, r.agreement, n.neighbor_labels[list_position(n.votes, list_max(n.votes))] AS knn_label, r.suspicion,
+    n.neighbor_labels, n.neighbor_ids
+FROM ranked r
+JOIN neighbours n USING (layer, image_id)
+JOIN images i USING (image_id)
+LEFT JOIN class_names c ON c.label = r.pred
+ORDER BY r.layer, r.rank;

@@ -1,0 +1,185 @@
+"""Analyze: the deep search that precision@1 / R-precision / MAP@R need, the twins table of the
+continuity measure (stages/twins.py), then every measure in queries/ into
+`results/<measure>.parquet`.
+
+Musgrave et al.'s R-precision and MAP@R look at the R = class size - 1 nearest images of each
+query, far deeper than the kNN graph's k. So this stage runs its own exact search (blocked
+torch matmul + topk, float64 so that the ranking is exact) for every image when there are at
+most `deep_queries` images, else for a seeded sample of `deep_queries` images, down to depth
+min(largest R, deep_k), and writes it as `knn_deep/<layer>/part-00000.parquet` (the schema of
+knn/). Reference shards are streamed: memory holds the queries' running top lists, not the
+dataset.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+import queries
+from pipeline import catalog
+from pipeline.config import Config, UserError
+from pipeline.rundir import AtomicParquetWriter, RunDir, layer_dir, write_json_atomic, write_table_atomic
+
+KNN_SCHEMA = pa.schema([("layer", pa.string()), ("query_id", pa.int64()), ("rank", pa.int32()),
+                        ("neighbor_id", pa.int64()), ("distance", pa.float32())])
+Q_BLOCK, R_CHUNK = 1024, 8192  # 1024 x 8192 float64 scores = 64 MB
+SUMMARY_COLUMNS = ["layer", "agreement", "knn_accuracy", "map_at_r", "knn_auc", "global_auc",
+                   "global_triplet_violation_rate"]
+
+
+def _shards(run: RunDir, features: str):
+    """(image_id int64 [n], vectors float32 [n, d]) of the `orig` view, one features shard at a time."""
+    for f in run.parquet_files("features", layer_dir(features)):
+        t = pq.read_table(f, columns=["image_id", "view", "vec"])
+        t = t.filter(pc.equal(t.column("view"), "orig"))
+        if t.num_rows:
+            col = t.column("vec").combine_chunks()
+            dim = col.type.list_size if hasattr(col.type, "list_size") else len(col[0])
+            yield t.column("image_id").to_numpy(), col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+def _prepare(x: np.ndarray, metric: str):
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))
+    return torch.nn.functional.normalize(t, dim=1) if metric == "cosine" else t
+
+
+def deep_search(run: RunDir, features: str, metric: str, query_ids: np.ndarray, depth: int):
+    """The `depth` nearest (self excluded) of each query: (neighbor ids, distances), nearest first."""
+    import torch
+
+    qids = np.sort(query_ids)
+    wanted = np.zeros(len(qids), dtype=bool)
+    qvecs = None
+    for ids, vecs in _shards(run, features):  # pass 1: the queries' vectors
+        pos = np.searchsorted(qids, ids).clip(max=len(qids) - 1)
+        hit = qids[pos] == ids
+        if qvecs is None:
+            qvecs = np.zeros((len(qids), vecs.shape[1]), dtype=np.float32)
+        qvecs[pos[hit]] = vecs[hit]
+        wanted[pos[hit]] = True
+    if qvecs is None or not wanted.all():
+        raise UserError(f"knn_deep: some query images have no '{features}' vectors in {run.path}")
+    q = _prepare(qvecs, metric)
+    q_sq = (q * q).sum(1)
+    q_id = torch.from_numpy(qids.copy())
+    best_d = torch.full((len(qids), 0), float("inf"), dtype=torch.float64)
+    best_i = torch.zeros((len(qids), 0), dtype=torch.int64)
+    for ids, vecs in _shards(run, features):  # pass 2: every reference shard once
+        ref_all, rid_all = _prepare(vecs, metric), torch.from_numpy(ids.copy())
+        for r0 in range(0, len(ids), R_CHUNK):
+            ref, rid = ref_all[r0:r0 + R_CHUNK], rid_all[r0:r0 + R_CHUNK]
+            ref_sq = (ref * ref).sum(1)
+            new_d, new_i = [], []
+            for q0 in range(0, len(qids), Q_BLOCK):
+                qb = q[q0:q0 + Q_BLOCK]
+                if metric == "cosine":
+                    d = 1.0 - qb @ ref.T
+                else:  # squared L2; the square root is taken once at the end
+                    d = (q_sq[q0:q0 + Q_BLOCK, None] + ref_sq[None, :] - 2.0 * (qb @ ref.T)).clamp_min_(0)
+                d[q_id[q0:q0 + Q_BLOCK, None] == rid[None, :]] = float("inf")  # self excluded
+                kk = min(depth, d.shape[1])
+                dv, di = torch.topk(d, kk, dim=1, largest=False)
+                new_d.append(dv)
+                new_i.append(rid[di])
+            cat_d = torch.cat([best_d, torch.cat(new_d)], dim=1)
+            cat_i = torch.cat([best_i, torch.cat(new_i)], dim=1)
+            kk = min(depth, cat_d.shape[1])
+            best_d, pos = torch.topk(cat_d, kk, dim=1, largest=False)
+            best_i = torch.gather(cat_i, 1, pos)
+    dist, nbr = best_d.numpy(), best_i.numpy()
+    order = np.lexsort((nbr, dist), axis=1)  # nearest first, ties by image id: deterministic
+    dist, nbr = np.take_along_axis(dist, order, 1), np.take_along_axis(nbr, order, 1)
+    if metric != "cosine":
+        dist = np.sqrt(dist)
+    return qids, nbr, dist.astype(np.float32)
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def write_deep_knn(run: RunDir, meta: dict, max_queries: int, max_depth: int, seed: int) -> dict:
+    """knn_deep/ for every index layer; returns what was searched (sample, depth)."""
+    images = pq.read_table(run.p("images"), columns=["image_id", "label"])
+    label_of = dict(zip(images.column("image_id").to_numpy(), images.column("label").to_numpy()))
+    info = {"deep_images": 0, "deep_queries": 0, "deep_k": 0, "deep_sample": "none"}
+    for layer in meta.get("index_layers", []):
+        name, features, metric = layer["name"], layer["features"], layer["metric"]
+        ids = np.sort(np.concatenate([i for i, _ in _shards(run, features)] or [np.zeros(0, np.int64)]))
+        _, sizes = np.unique([label_of[i] for i in ids], return_counts=True)
+        depth = int(min(sizes.max() - 1, max_depth)) if len(sizes) else 0
+        sample = "all" if len(ids) <= max_queries else f"seeded sample (seed {seed})"
+        query_ids = ids if len(ids) <= max_queries else \
+            np.sort(np.random.default_rng(seed).choice(ids, max_queries, replace=False))
+        info = {"deep_images": len(ids), "deep_queries": len(query_ids), "deep_k": depth, "deep_sample": sample}
+        marker = run.p("knn_deep", layer_dir(name) + ".json")
+        stamp = {"fingerprint": meta.get("fingerprint"), "features": features, "metric": metric, **info}
+        if run.parquet_files("knn_deep", layer_dir(name)) and _read_json(marker) == stamp:
+            continue  # already searched with the same settings
+        path = run.p("knn_deep", layer_dir(name), "part-00000.parquet")
+        if depth == 0:
+            continue
+        qids, nbr, dist = deep_search(run, features, metric, query_ids, depth)
+        writer = AtomicParquetWriter(path, KNN_SCHEMA)
+        try:
+            for q0 in range(0, len(qids), 4096):
+                n, d = nbr[q0:q0 + 4096], dist[q0:q0 + 4096]
+                writer.write(pa.table({
+                    "layer": pa.array([name] * n.size, pa.string()),
+                    "query_id": np.repeat(qids[q0:q0 + 4096], depth),
+                    "rank": np.tile(np.arange(1, depth + 1, dtype=np.int32), len(n)),
+                    "neighbor_id": n.ravel(), "distance": d.ravel()}, schema=KNN_SCHEMA))
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        write_json_atomic(marker, stamp)
+    return info
+
+
+def run(run_dir: RunDir, cfg: Config, progress) -> dict:
+    t0 = time.perf_counter()
+    meta = run_dir.read_meta()
+    info = write_deep_knn(run_dir, meta, cfg.deep_queries, cfg.deep_k, cfg.seed)
+    from stages.twins import write_twins  # what the continuity measure reads (perturbed views)
+
+    info.update(write_twins(run_dir, meta, cfg.continuity_queries, cfg.seed))
+    catalog.write_catalog(run_dir)
+    con = catalog.connect(run_dir.path, locked=True)  # the results are written with pyarrow
+    for measure in progress(list(queries.MEASURES), desc="analyze", unit="measure"):
+        given = {"seed": cfg.seed} if any(p.name == "seed" for p in queries.params(measure)) else {}
+        table = queries.run_measure(con, measure, given, meta)
+        write_table_atomic(run_dir.p("results", measure + ".parquet"), table)
+    return {"measures": len(queries.MEASURES), "layers": len(meta.get("index_layers", [])), **info,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def summary_rows(run_path: str) -> tuple[list[str], list[tuple]]:
+    """The short table `featscope run` ends with: the headline figures of each layer."""
+    run = RunDir(run_path)
+    path = run.p("results", "layer_comparison.parquet")
+    try:
+        t = pq.read_table(path, columns=SUMMARY_COLUMNS)
+    except FileNotFoundError:
+        return SUMMARY_COLUMNS, []
+    return SUMMARY_COLUMNS, list(zip(*[t.column(c).to_pylist() for c in SUMMARY_COLUMNS]))
+
+
+def deep_note(run_path: str) -> str:
+    """One line that says which queries precision@1 / R-precision / MAP@R were computed on."""
+    a = RunDir(run_path).read_meta().get("stages", {}).get("analyze", {})
+    if not a.get("deep_queries"):
+        return "precision@1, R-precision, MAP@R: not computed (no class has two images)"
+    return (f"precision@1, R-precision, MAP@R: exact search, {a['deep_queries']} of {a['deep_images']} images "
+            f"as queries ({a['deep_sample']}), R capped at {a['deep_k']}")

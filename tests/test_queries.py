@@ -1,0 +1,313 @@
+"""The measures in queries/*.sql against independent code on the same embeddings: Musgrave's
+figures against pytorch-metric-learning, agreement and votes against numpy, AUC against
+scikit-learn, on a synthetic run (tests/synthetic.py) whose kNN graph numpy computed exactly."""
+from __future__ import annotations
+
+import json
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+import queries
+from pipeline import catalog
+from pipeline.cli import main
+from pipeline.config import UserError
+from pipeline.rundir import RunDir
+from stages.analyze import write_deep_knn
+from tests.synthetic_measures import INDEX_LAYERS, K, Synthetic, write_run
+
+SEED, PAIRS, TRIPLETS = 3, 20000, 20000
+MINE = ("knn_agreement", "class_distances", "per_class", "suspicious", "layer_comparison")  # continuity: test_continuity
+
+
+def _make(path, syn):
+    write_run(str(path), syn)
+    run = RunDir(str(path))
+    write_deep_knn(run, run.read_meta(), 20000, 1000, 0)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def syn():
+    return Synthetic(seed=0)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, syn):
+    return _make(tmp_path_factory.mktemp("syn") / "run", syn)
+
+
+def measure(run, name, **params):
+    con = catalog.connect(run, locked=True)
+    rel = queries.relation(con, name, params, RunDir(run).read_meta())
+    return [dict(zip(rel.columns, r)) for r in rel.fetchall()]
+
+
+def by(rows, *keys):
+    return {tuple(r[k] for k in keys): r for r in rows}
+
+
+# ---- knn_agreement ------------------------------------------------------------------
+def test_musgrave_figures_equal_pytorch_metric_learning(run, syn):
+    from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    rows = by(measure(run, "knn_agreement"), "layer", "scope")
+    for layer in INDEX_LAYERS:
+        dist = CosineSimilarity() if layer["metric"] == "cosine" else LpDistance(normalize_embeddings=False)
+        calc = AccuracyCalculator(include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
+                                  k="max_bin_count", knn_func=CustomKNN(dist), return_per_class=True)
+        x = torch.from_numpy(syn.vectors[layer["features"]].astype(np.float64))
+        res = calc.get_accuracy(x, torch.from_numpy(syn.labels), ref_includes_query=True)
+        overall = AccuracyCalculator(include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
+                                     k="max_bin_count", knn_func=CustomKNN(dist)).get_accuracy(
+            x, torch.from_numpy(syn.labels), ref_includes_query=True)
+        got = rows[(layer["name"], "all")]
+        assert got["deep_n"] == len(syn.labels) - 1  # the lone image is left out, as PML does
+        assert got["precision_at_1"] == pytest.approx(overall["precision_at_1"], abs=1e-6)
+        assert got["r_precision"] == pytest.approx(overall["r_precision"], abs=1e-6)
+        assert got["map_at_r"] == pytest.approx(overall["mean_average_precision_at_r"], abs=1e-6)
+        for c, name in enumerate(syn.names[:-1]):  # the last class is the lone image
+            cls = rows[(layer["name"], name)]
+            assert cls["precision_at_1"] == pytest.approx(res["precision_at_1"][c], abs=1e-6)
+            assert cls["r_precision"] == pytest.approx(res["r_precision"][c], abs=1e-6)
+            assert cls["map_at_r"] == pytest.approx(res["mean_average_precision_at_r"][c], abs=1e-6)
+
+
+def _numpy_agreement(syn, layer, k):
+    order, _ = syn.knn(layer, k)
+    nb = syn.labels[order]
+    agreement = (nb == syn.labels[:, None]).mean(1)
+    pred_agreement = (nb == syn.pred[:, None]).mean(1)
+    voted, ties = np.empty(len(nb), dtype=nb.dtype), 0
+    for i, row in enumerate(nb):
+        counts = {c: (row == c).sum() for c in set(row)}
+        top = max(counts.values())
+        tied = [c for c in counts if counts[c] == top]
+        ties += len(tied) > 1
+        voted[i] = min(tied, key=lambda c: np.argmax(row == c))  # the tied label that occurs nearest
+    return agreement, pred_agreement, voted == syn.labels, ties
+
+
+@pytest.mark.parametrize("k", [K, 3])
+def test_agreement_and_knn_accuracy_equal_numpy(run, syn, k):
+    rows = by(measure(run, "knn_agreement", k=k), "layer", "scope")
+    for layer in INDEX_LAYERS:
+        agreement, pred_agreement, correct, ties = _numpy_agreement(syn, layer, k)
+        if k == K:
+            assert ties >= 3  # the tie rule is exercised
+        for scope, mask in [("all", np.ones(len(correct), bool))] + \
+                [(n, syn.labels == c) for c, n in enumerate(syn.names)]:
+            got = rows[(layer["name"], scope)]
+            assert got["n"] == mask.sum()
+            assert got["agreement"] == pytest.approx(agreement[mask].mean(), abs=1e-12)
+            assert got["pred_agreement"] == pytest.approx(pred_agreement[mask].mean(), abs=1e-12)
+            assert got["knn_accuracy"] == pytest.approx(correct[mask].mean(), abs=1e-12)
+
+
+# ---- class_distances ----------------------------------------------------------------
+def _stats(d):
+    return {"n": len(d), "mean": d.mean(), "std": d.std(ddof=1),
+            "p05": np.quantile(d, 0.05), "p50": np.quantile(d, 0.5), "p95": np.quantile(d, 0.95)}
+
+
+def _check_stats(got, same, diff, rel=1e-6):
+    for name, d in (("same", same), ("diff", diff)):
+        for stat, v in _stats(d).items():
+            assert got[f"{name}_{stat}"] == pytest.approx(v, rel=rel, abs=1e-9), (name, stat)
+    assert got["pairs"] == len(same) + len(diff)
+    assert got["same_diff_ratio"] == pytest.approx(same.mean() / diff.mean(), rel=rel)
+
+
+def test_knn_scope_equals_numpy_and_sklearn(run, syn):
+    rows = by(measure(run, "class_distances"), "layer", "scope")
+    for layer in INDEX_LAYERS:
+        order, dist = syn.knn(layer)
+        same = syn.labels[order] == syn.labels[:, None]
+        d = dist.astype(np.float64)
+        got = rows[(layer["name"], "knn")]
+        _check_stats(got, d[same], d[~same])
+        assert got["auc"] == pytest.approx(roc_auc_score(same.ravel(), -d.ravel()), abs=1e-9)
+        # every (query, same neighbour, different neighbour) triple; the rank orders them
+        viol = total = 0
+        for row in same:
+            for p in np.flatnonzero(row):
+                for n in np.flatnonzero(~row):
+                    total += 1
+                    viol += n < p
+        assert got["triplets"] == total
+        assert got["triplet_violation_rate"] == pytest.approx(viol / total, abs=1e-12)
+
+
+def _draws(syn, seed, pairs, triplets):
+    """The documented sampling scheme, evaluated by DuckDB's hash() alone (not by the measure)."""
+    ids_sorted = sorted(zip(syn.labels, syn.ids))
+    lab = np.array([l for l, _ in ids_sorted])
+    pos_of = {i: p for p, (_, i) in enumerate(ids_sorted)}
+    order = np.array([pos_of[i] for i in syn.ids])  # numbered position of each synthetic row
+    row_at = np.argsort(order)
+    n = len(lab)
+    con = duckdb.connect()
+    a, b = np.array(con.execute(f"SELECT hash(i, {seed}, 'pair-a') % {n}, hash(i, {seed}, 'pair-b') % {n - 1} "
+                                f"FROM range({pairs}) r(i) ORDER BY i").fetchall(), dtype=np.int64).T
+    b = b + (b >= a)
+    h = np.array(con.execute(f"SELECT hash(t, {seed}, 'triplet-a')::HUGEINT, hash(t, {seed}, 'triplet-p')::HUGEINT, "
+                             f"hash(t, {seed}, 'triplet-n')::HUGEINT FROM range({triplets}) r(t) ORDER BY t").fetchall(),
+                 dtype=object)
+    start = {int(c): int(np.flatnonzero(lab == c)[0]) for c in set(lab)}
+    size = {int(c): int((lab == c).sum()) for c in set(lab)}
+    trip = []
+    for ha, hp, hn in h:
+        ai = int(ha) % n
+        c = int(lab[ai])
+        if size[c] < 2 or n == size[c]:
+            continue
+        pj, nj = int(hp) % (size[c] - 1), int(hn) % (n - size[c])
+        p = start[c] + pj + (pj >= ai - start[c])
+        ng = nj + (size[c] if nj >= start[c] else 0)
+        trip.append((ai, p, ng))
+    t = np.array(trip)
+    return row_at[a], row_at[b], row_at[t[:, 0]], row_at[t[:, 1]], row_at[t[:, 2]]
+
+
+def test_global_scope_equals_sklearn_on_the_same_pairs(run, syn):
+    rows = by(measure(run, "class_distances", seed=SEED, pairs=PAIRS, triplets=TRIPLETS), "layer", "scope")
+    pa, pb, ta, tp, tn = _draws(syn, SEED, PAIRS, TRIPLETS)
+    for layer in INDEX_LAYERS:
+        dist = syn.distances(layer)
+        d = dist[pa, pb]
+        same = syn.labels[pa] == syn.labels[pb]
+        got = rows[(layer["name"], "global")]
+        _check_stats(got, d[same], d[~same], rel=1e-5)  # SQL distances are float32
+        assert got["auc"] == pytest.approx(roc_auc_score(same, -d), abs=1e-6)
+        assert got["triplets"] == len(ta)
+        viol = (dist[ta, tp] >= dist[ta, tn]).mean()
+        assert got["triplet_violation_rate"] == pytest.approx(viol, abs=2 / len(ta))
+
+
+def test_seeded_samples_are_deterministic(run):
+    a = measure(run, "class_distances", seed=1, pairs=5000, triplets=5000)
+    b = measure(run, "class_distances", seed=1, pairs=5000, triplets=5000)
+    c = measure(run, "class_distances", seed=2, pairs=5000, triplets=5000)
+    for ra, rb, rc in zip(a, b, c):
+        assert ra.keys() == rb.keys()
+        for key in ra:
+            if isinstance(ra[key], float):
+                assert ra[key] == pytest.approx(rb[key], rel=1e-12), key
+        if ra["scope"] == "knn":
+            assert ra["auc"] == rc["auc"]
+        else:
+            assert (ra["same_n"], ra["same_mean"]) != (rc["same_n"], rc["same_mean"])
+
+
+# ---- per_class, layer_comparison, suspicious --------------------------------------------
+def test_per_class_and_layer_comparison_agree_with_the_two_measures(run):
+    params = dict(seed=SEED, pairs=PAIRS, triplets=TRIPLETS)
+    agreement = by(measure(run, "knn_agreement"), "layer", "scope")
+    distances = by(measure(run, "class_distances", **params), "layer", "scope")
+    per_class = measure(run, "per_class", **params)
+    comparison = by(measure(run, "layer_comparison", **params), "layer")
+    assert set(comparison) == {(l["name"],) for l in INDEX_LAYERS}
+    figures = ("n", "agreement", "pred_agreement", "knn_accuracy", "precision_at_1", "r_precision", "map_at_r", "deep_n")
+    for (layer,), row in comparison.items():
+        for f in figures:
+            assert row[f] == pytest.approx(agreement[(layer, "all")][f], nan_ok=True), f
+        for scope in ("knn", "global"):
+            for f in ("same_mean", "diff_mean", "same_diff_ratio", "auc", "triplet_violation_rate"):
+                assert row[f"{scope}_{f}"] == pytest.approx(distances[(layer, scope)][f]), (scope, f)
+    for row in per_class:
+        for f in figures:
+            assert row[f] == pytest.approx(agreement[(row["layer"], row["class"])][f], nan_ok=True), f
+    # a class's pairs are those its images anchor: the classes add up to the whole
+    for layer in comparison:
+        rows = [r for r in per_class if r["layer"] == layer[0]]
+        assert sum(r["global_pairs"] for r in rows) == distances[(layer[0], "global")]["pairs"]
+        assert sum(r["knn_pairs"] for r in rows) == distances[(layer[0], "knn")]["pairs"]
+
+
+def test_suspicious_lists_the_planted_mislabel_first(run, syn):
+    rows = measure(run, "suspicious", top=5)
+    planted = int(syn.ids[syn.planted])
+    for layer in INDEX_LAYERS:
+        mine = [r for r in rows if r["layer"] == layer["name"]]
+        assert 0 < len(mine) <= 5 and [r["rank"] for r in mine] == list(range(1, len(mine) + 1))
+        top = mine[0]
+        assert top["image_id"] == planted
+        assert (top["label_name"], top["pred_name"], top["knn_label"]) == ("class1", "class0", "class0")
+        assert top["neighbor_labels"] == ["class0"] * K and len(top["neighbor_ids"]) == K
+        assert all(r["prob"] >= 0.5 and r["agreement"] <= 0.5 for r in mine)
+        assert [r["suspicion"] for r in mine] == sorted((r["suspicion"] for r in mine), reverse=True)
+
+
+# ---- plain DuckDB, parameters, the command line -----------------------------------------------
+@pytest.mark.parametrize("name", MINE)
+def test_sql_files_run_in_plain_duckdb(run, name):
+    """What a user does in the DuckDB CLI: .read RUN/catalog.sql, SET VARIABLE, .read the file."""
+    catalog.write_catalog(RunDir(run))
+    con = duckdb.connect()
+    con.execute(open(RunDir(run).p("catalog.sql")).read())
+    con.execute("SET VARIABLE k = 4")
+    for s in duckdb.extract_statements(open(queries.sql_path(name)).read()):
+        rel = con.sql(s.query)
+    plain = rel.fetchall()
+    assert plain
+    loader = measure(run, name, k=4)
+    assert len(plain) == len(loader)
+    assert [r[0] for r in plain] == [r["layer"] for r in loader]
+
+
+def test_parameters_are_declared_with_their_types():
+    declared = {m: {p.name: p.type for p in queries.params(m)} for m in MINE}
+    assert declared["knn_agreement"] == {"layer": "VARCHAR", "k": "INTEGER"}
+    assert declared["class_distances"] == {"layer": "VARCHAR", "k": "INTEGER", "seed": "BIGINT",
+                                           "pairs": "BIGINT", "triplets": "BIGINT"}
+    assert "layer" not in declared["layer_comparison"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nope"], "unknown measure 'nope'"),
+    (["knn_agreement", "--param", "layer=fc9"], "unknown layer 'fc9'"),
+    (["knn_agreement", "--param", "k=ten"], "parameter k='ten'"),
+    (["knn_agreement", "--param", "k=0"], "parameter k='0'"),
+    (["knn_agreement", "--param", f"k={K + 1}"], "more than the run's k"),
+    (["class_distances", "--param", "colour=red"], "unknown parameter 'colour'"),
+    (["class_distances", "--param", "pairs"], "--param expects name=value"),
+])
+def test_query_errors_are_one_line_and_exit_2(run, capsys, args, message):
+    assert main(["query", run] + args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_query_cli_prints_rows(run, capsys):
+    assert main(["query", run, "knn_agreement", "--param", "layer=penultimate:cosine", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["layer"] for r in rows} == {"penultimate:cosine"} and rows[0]["scope"] == "all"
+    assert main(["query", run, "layer_comparison", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("layer,features,pooling,metric,dim,n,agreement")
+
+
+def test_compare_gives_the_figures_side_by_side_with_deltas(run, tmp_path, capsys):
+    other = _make(tmp_path / "noisier", Synthetic(seed=0, spread=2.0))
+    assert main(["compare", run, other, "--measure", "knn_agreement", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    a = by(measure(run, "knn_agreement"), "layer", "scope")
+    b = by(measure(other, "knn_agreement"), "layer", "scope")
+    names = [c for c in rows[0] if c not in ("layer", "scope", "figure")]
+    assert names == ["run", "noisier", "delta_noisier"]
+    for r in rows:
+        va, vb = a[(r["layer"], r["scope"])][r["figure"]], b[(r["layer"], r["scope"])][r["figure"]]
+        if va is None or vb is None or va != va or vb != vb:
+            continue
+        assert (r["run"], r["noisier"]) == (pytest.approx(va), pytest.approx(vb))
+        assert r["delta_noisier"] == pytest.approx(vb - va)
+    agreement = [r for r in rows if r["figure"] == "agreement" and r["scope"] == "all"]
+    assert len(agreement) == len(INDEX_LAYERS) and all(r["delta_noisier"] < 0 for r in agreement)
+    with pytest.raises(UserError, match="lists images"):
+        from queries.compare import compare
+
+        compare([run, other], "suspicious")
