@@ -41,13 +41,13 @@ def make_folder(root: str, n: int, size: int) -> None:
     open(marker, "w").close()
 
 
-def featscope_extract(data: str, out: str, model: str, size: int, batch: int) -> dict:
+def featscope_extract(data: str, out: str, model: str, size: int, batch: int, views: str = "[]") -> dict:
     from pipeline.config import build_config
     from pipeline.rundir import RunDir
     from pipeline.runner import run_pipeline
 
     common = {"data": data, "out": out, "model": model, "image_size": size}
-    sets = [f"batch_size={batch}", "layers=[conv,penultimate]"]
+    sets = [f"batch_size={batch}", "layers=[conv,penultimate]", f"perturb={views}"]
     shutil.rmtree(out, ignore_errors=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -120,6 +120,10 @@ def main() -> None:
     print("featscope", fs, file=sys.stderr)
     fs_small = featscope_extract(small, os.path.join(work, "run-small"), a.model, a.size, a.batch)
     print("featscope small", fs_small, file=sys.stderr)
+    # the cost of perturbed views: the small set without and with 2 views, same replica set-up
+    fs_views = featscope_extract(small, os.path.join(work, "run-views"), a.model, a.size, a.batch,
+                                 "[noise=0.05,shift=2]")
+    print("featscope small, 2 views", fs_views, file=sys.stderr)
     loops = {w: plain_loop(big, a.model, a.size, a.batch, w) for w in (0, 2)}
     print("plain", loops, file=sys.stderr)
     best = min(loops.values(), key=lambda r: r["seconds"])
@@ -142,6 +146,8 @@ def main() -> None:
         "vs_pure_forward": round(fs_rate / (pf["images"] / pf["seconds"]), 3),
         "peak_rss_mb_big": fs["peak_rss_mb"], "peak_rss_mb_small": fs_small["peak_rss_mb"],
         "rss_ratio_20k_2k": round(fs["peak_rss_mb"] / fs_small["peak_rss_mb"], 3),
+        "views2_time_ratio": round(fs_views["extract_shard_s"] / fs_small["extract_shard_s"], 3),
+        "views2_time_ratio_wall": round(fs_views["extract_s"] / fs_small["extract_s"], 3),
     }
     print(json.dumps(result))
 
