@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import io
 import json
 import math
@@ -56,6 +57,29 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="which stages and shards of a run are finished")
     st.add_argument("run")
     _add_format(st)
+
+    q = sub.add_parser("query", help="compute one measure (queries/*.sql) over a run, read-only")
+    q.add_argument("run")
+    q.add_argument("measure", help="knn_agreement, class_distances, per_class, suspicious, continuity or layer_comparison")
+    q.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a parameter of the measure's SQL (layer, k, seed, pairs, triplets, top, ...)")
+    _add_format(q)
+
+    cp = sub.add_parser("compare", help="one measure of several runs side by side, with deltas")
+    cp.add_argument("runs", nargs="+", metavar="RUN")
+    cp.add_argument("--measure", default="layer_comparison",
+                    help="layer_comparison (default), knn_agreement, class_distances or per_class")
+    cp.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    _add_format(cp)
+
+    nb = sub.add_parser("neighbors", help="nearest images to an image id or an image file, in one layer")
+    nb.add_argument("run")
+    which = nb.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", type=int, dest="image_id", help="an image_id of the run")
+    which.add_argument("--image", dest="image_file", help="an image file, embedded with the run's own model")
+    nb.add_argument("--layer", help="an index layer (default conv): conv, penultimate, penultimate:cosine, ...")
+    nb.add_argument("--k", type=int, default=10)
+    _add_format(nb)
     return ap
 
 
@@ -121,6 +145,13 @@ def cmd_run(a) -> int:
               f"shards computed now, {rate:.0f} img/s per replica)")
     if ing:
         print(f"{ing['rows']} images, {ing['errors'] + ext.get('errors', 0)} errors")
+    if summary.get("analyze"):
+        from stages.analyze import deep_note, summary_rows
+
+        columns, rows = summary_rows(run)
+        print("explanation continuity per layer (featscope query RUN layer_comparison for every figure):")
+        print_rows(columns, rows, "table")
+        print(deep_note(run))
     print("query it:")
     print(f"  featscope sql {run} \"SELECT label_name, count(*) AS n, avg(prob) AS confidence "
           f"FROM images JOIN predictions USING (image_id) GROUP BY 1 ORDER BY 1\"")
@@ -187,16 +218,59 @@ def cmd_status(a) -> int:
     meta = run.read_meta()
     rows = []
     for stage in STAGES:
-        stats = run.read_stats(stage)
+        # shard markers: stats/<stage>/part-*.json, or per layer stats/<stage>/<layer>/part-*.json (knn)
+        stats = []
+        for path in sorted(glob.glob(run.p("stats", stage, "part-*.json")) +
+                           glob.glob(run.p("stats", stage, "*", "part-*.json"))):
+            with open(path) as fh:
+                stats.append(json.load(fh))
         info = meta.get("stages", {}).get(stage, {})
-        rows.append((stage, info.get("status", "done" if stats else "not run"), len(stats),
-                     sum(s.get("rows", 0) for s in stats), sum(s.get("errors", 0) for s in stats),
-                     round(sum(s.get("seconds", 0) for s in stats), 2)))
-    print_rows(["stage", "status", "shards", "rows", "errors", "seconds"], rows, a.format)
+        status = info.get("status", "partial" if stats else "not run")
+        # redone: shards computed by the last invocation (the rest were kept from an earlier one)
+        rows.append((stage, status, len(stats), info.get("redone"), sum(s.get("rows", 0) for s in stats),
+                     sum(s.get("errors", 0) for s in stats), round(sum(s.get("seconds", 0) for s in stats), 2)))
+    print_rows(["stage", "status", "shards", "redone", "rows", "errors", "seconds"], rows, a.format)
     return 0
 
 
-COMMANDS = {"run": cmd_run, "sql": cmd_sql, "train": cmd_train, "status": cmd_status}
+def cmd_query(a) -> int:
+    import duckdb
+
+    import queries
+
+    from .catalog import connect
+    from .rundir import RunDir
+
+    queries.sql_path(a.measure)  # unknown measure: UserError before opening the run
+    con = connect(a.run, locked=True)
+    try:
+        rel = queries.relation(con, a.measure, queries.parse_params(a.param), RunDir(a.run).read_meta())
+        columns, rows = rel.columns, rel.fetchall()
+    except duckdb.Error as exc:
+        raise UserError(f"{a.measure}: SQL error: {str(exc).splitlines()[0]}") from None
+    print_rows(columns, rows, a.format)
+    return 0
+
+
+def cmd_compare(a) -> int:
+    import queries
+    from queries.compare import compare
+
+    columns, rows = compare(a.runs, a.measure, queries.parse_params(a.param))
+    print_rows(columns, rows, a.format)
+    return 0
+
+
+def cmd_neighbors(a) -> int:
+    from stages.neighbors import COLUMNS, neighbors
+
+    rows = neighbors(a.run, image_id=a.image_id, image_file=a.image_file, layer=a.layer, k=a.k)
+    print_rows(COLUMNS, [tuple(r.get(c) for c in COLUMNS) for r in rows], a.format)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "sql": cmd_sql, "train": cmd_train, "status": cmd_status,
+            "neighbors": cmd_neighbors, "query": cmd_query, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

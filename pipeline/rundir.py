@@ -29,7 +29,9 @@ def layer_dir(layer: str) -> str:
 
 class RunDir:
     def __init__(self, path: str):
-        self.path = os.path.abspath(path)
+        from .locations import local_path
+
+        self.path = os.path.abspath(local_path(path, "run directory"))
 
     def __str__(self) -> str:
         return self.path

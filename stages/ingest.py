@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import UserError
+from pipeline.locations import local_path
 from pipeline.rundir import RunDir, shard_name, write_table_atomic
 
 from . import builtin_data
@@ -52,6 +53,7 @@ class Plan:
 def plan(src: str, shard_size: int) -> Plan:
     if src.startswith("builtin:"):
         return _plan_builtin(src, shard_size)
+    src = local_path(src, "data")
     if not os.path.exists(src):
         raise UserError(f"data not found: {src}")
     path = os.path.abspath(src)
