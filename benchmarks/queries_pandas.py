@@ -2,8 +2,9 @@
 scikit-learn's roc_auc_score), the way a Python user would, from the same Parquet files, with
 the defaults of the SQL files (every neighbour, seed 0, 100,000 pairs and triplets, top 20).
 
-Unlike the SQL files, which each stand alone, this computes the per-edge and per-image frames
-once and aggregates them for every measure: the baseline gets the benefit of sharing.
+Like the SQL suite (per_class.sql and layer_comparison.sql read the results of
+knn_agreement.sql and class_distances.sql), this computes the per-edge and per-image frames once
+and aggregates them for every measure.
 """
 from __future__ import annotations
 

@@ -146,12 +146,16 @@ def cmd_run(a) -> int:
     if ing:
         print(f"{ing['rows']} images, {ing['errors'] + ext.get('errors', 0)} errors")
     if summary.get("analyze"):
-        from stages.analyze import deep_note, summary_rows
+        from stages.analyze import continuity_rows, deep_note, summary_rows
 
         columns, rows = summary_rows(run)
         print("explanation continuity per layer (featscope query RUN layer_comparison for every figure):")
         print_rows(columns, rows, "table")
         print(deep_note(run))
+        columns, rows = continuity_rows(run)
+        if rows:
+            print("continuity under perturbation (featscope query RUN continuity, per class too):")
+            print_rows(columns, rows, "table")
     print("query it:")
     print(f"  featscope sql {run} \"SELECT label_name, count(*) AS n, avg(prob) AS confidence "
           f"FROM images JOIN predictions USING (image_id) GROUP BY 1 ORDER BY 1\"")

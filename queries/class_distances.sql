@@ -27,6 +27,13 @@
 -- hash(i, seed, '<role>') modulo the range it picks from, so a seed gives the same sample on every
 -- run and machine of one DuckDB version.
 --
+-- The figures are also kept, for this connection, as the temporary table results_class_distances
+-- with a label column: NULL for the rows above, and one row per (layer, scope, class of the
+-- anchor) with the same figures over the pairs and triplets that class anchors (percentiles
+-- NULL there), and the parameters as the variable class_distances_params: per_class.sql and
+-- layer_comparison.sql read them instead of computing them again, so in the CLI `.read` this
+-- file before those.
+--
 -- Parameters (set any before `.read`, e.g. SET VARIABLE pairs = 1000000;):
 --   layer     one knn layer; NULL (default) = every layer
 --   k         neighbours per image for scope 'knn', 1 .. the run's k; default = all the knn view lists
@@ -39,6 +46,8 @@ SET VARIABLE seed = coalesce(getvariable('seed'), 0)::BIGINT;
 SET VARIABLE pairs = coalesce(getvariable('pairs'), 100000)::BIGINT;
 SET VARIABLE triplets = coalesce(getvariable('triplets'), 100000)::BIGINT;
 
+-- the figures, kept for per_class.sql and layer_comparison.sql (see the top of this file)
+CREATE OR REPLACE TEMP TABLE results_class_distances AS
 WITH
 labels AS (SELECT image_id, label FROM images),
 measured_layers AS (
@@ -47,10 +56,15 @@ measured_layers AS (
       AND layer IN (SELECT DISTINCT layer FROM knn)
 ),
 vectors AS (SELECT layer AS features, image_id, vec FROM embeddings WHERE view = 'orig'),
+-- (layer, scope) numbered: the sorts below are far faster on an integer than on two strings
+blocks AS (
+    SELECT layer, scope, (row_number() OVER (ORDER BY layer, scope))::INTEGER AS blk
+    FROM measured_layers, (VALUES ('knn'), ('global')) s(scope)
+),
 
 -- scope knn: every edge
 knn_pairs AS (
-    SELECT knn.layer, 'knn' AS scope, knn.query_id AS anchor, knn.rank, knn.distance, q.label = nb.label AS same
+    SELECT knn.layer, 'knn' AS scope, knn.query_id AS anchor, q.label, knn.rank, knn.distance, q.label = nb.label AS same
     FROM knn
     JOIN labels q ON q.image_id = knn.query_id
     JOIN labels nb ON nb.image_id = knn.neighbor_id
@@ -83,7 +97,7 @@ pair_draws AS (
 -- the sampled pairs as image ids, computed once (MATERIALIZED keeps the planner from joining
 -- the vectors first), then their distances in every measured layer
 pair_ids AS MATERIALIZED (
-    SELECT pa.image_id AS anchor, pb.image_id AS other, pa.label = pb.label AS same
+    SELECT pa.image_id AS anchor, pb.image_id AS other, pa.label, pa.label = pb.label AS same
     FROM pair_draws d
     JOIN numbered pa ON pa.idx = d.a
     JOIN numbered pb ON pb.idx = d.b
@@ -93,7 +107,7 @@ layer_vectors AS (
     FROM measured_layers l JOIN vectors v ON v.features = l.features
 ),
 global_pairs AS (
-    SELECT va.layer, 'global' AS scope, p.anchor, p.same,
+    SELECT va.layer, 'global' AS scope, p.anchor, p.label, p.same,
         CASE va.metric WHEN 'cosine' THEN list_cosine_distance(va.vec, vb.vec)
                        ELSE list_distance(va.vec, vb.vec) END AS distance
     FROM pair_ids p
@@ -101,57 +115,66 @@ global_pairs AS (
     JOIN layer_vectors vb ON vb.image_id = p.other AND vb.layer = va.layer
 ),
 
-all_pairs AS (
-    SELECT layer, scope, distance, same FROM knn_pairs
-    UNION ALL
-    SELECT layer, scope, distance, same FROM global_pairs
+-- every pair measured, with the class of its anchor (the query, or the sampled pair's first image)
+all_pairs AS MATERIALIZED (
+    SELECT b.blk, p.label, p.distance, p.same
+    FROM (SELECT layer, scope, label, distance, same FROM knn_pairs
+          UNION ALL
+          SELECT layer, scope, label, distance, same FROM global_pairs) p
+    JOIN blocks b USING (layer, scope)
 ),
+
+-- ROC-AUC by Mann-Whitney: with the pairs of a block sorted by distance, a pair's average rank
+-- (ties share the mean of their positions) counted from the farthest is N - (lt + le - 1) / 2,
+-- lt = rank() - 1 the pairs strictly nearer, le = count(*) the pairs as near or nearer. The
+-- same pairs' ranks sum to U + npos (npos + 1) / 2, U = the (same, different) pairs where the
+-- same pair is nearer, ties counting 1/2; so 2U = npos (2N + 1 - npos) - sum(rank() + count(*))
+-- over the same pairs. Integer sums until the last division. One sort per block for the
+-- (layer, scope) figures, one per class for the per-class figures.
+ranked AS (
+    SELECT blk, label, distance, same,
+        rank() OVER by_scope + count(*) OVER by_scope AS scope_ranks,
+        rank() OVER by_class + count(*) OVER by_class AS class_ranks
+    FROM all_pairs
+    WINDOW by_scope AS (PARTITION BY blk ORDER BY distance),
+           by_class AS (PARTITION BY blk, label ORDER BY distance)
+),
+-- the figures of each (layer, scope), label NULL, and of each class of anchors in it
 stats AS (
-    SELECT layer, scope, count(*) AS pairs,
+    SELECT blk, label, count(*) AS pairs,
         count(*) FILTER (WHERE same) AS same_n,
         avg(distance) FILTER (WHERE same) AS same_mean,
         stddev_samp(distance) FILTER (WHERE same) AS same_std,
-        quantile_cont(distance::DOUBLE, [0.05, 0.5, 0.95]) FILTER (WHERE same) AS same_q,
         count(*) FILTER (WHERE NOT same) AS diff_n,
         avg(distance) FILTER (WHERE NOT same) AS diff_mean,
         stddev_samp(distance) FILTER (WHERE NOT same) AS diff_std,
+        CASE WHEN grouping(label) = 1 THEN sum(scope_ranks) FILTER (WHERE same)
+             ELSE sum(class_ranks) FILTER (WHERE same) END AS same_ranks
+    FROM ranked
+    GROUP BY GROUPING SETS ((blk), (blk, label))
+),
+-- percentiles for the (layer, scope) rows only
+quantiles AS (
+    SELECT blk,
+        quantile_cont(distance::DOUBLE, [0.05, 0.5, 0.95]) FILTER (WHERE same) AS same_q,
         quantile_cont(distance::DOUBLE, [0.05, 0.5, 0.95]) FILTER (WHERE NOT same) AS diff_q
     FROM all_pairs
-    GROUP BY layer, scope
-),
-
--- ROC-AUC by Mann-Whitney over the distinct distances: a same pair at distance d beats every
--- different pair farther than d and ties with those at d. Integer counts until the last division.
-by_distance AS (
-    SELECT layer, scope, distance,
-        count(*) FILTER (WHERE same) AS pos,
-        count(*) FILTER (WHERE NOT same) AS neg
-    FROM all_pairs
-    GROUP BY layer, scope, distance
-),
-auc AS (
-    -- neg_before: the different pairs sorting before a row, farther in its own (layer, scope) block
-    -- or anywhere in the blocks before it (one running sum is far cheaper than one per block);
-    -- a block's smallest neg_before is what the blocks before it hold
-    SELECT layer, scope,
-        (sum(pos * (2 * neg_before + neg)) - 2 * min(neg_before) * sum(pos)) / nullif(2 * sum(pos) * sum(neg), 0) AS auc
-    FROM (SELECT *, sum(neg) OVER (ORDER BY layer, scope, distance DESC) - neg AS neg_before FROM by_distance)
-    GROUP BY layer, scope
+    GROUP BY blk
 ),
 
 -- triplets within each query's neighbour list (a = the query, p and n two of its neighbours):
 -- the knn view's rank orders them, so the j-th same-class neighbour, at rank r, is violated by
 -- the r - j different-class neighbours ranked before it
 knn_triplets AS (
-    SELECT layer, 'knn' AS scope, sum(rank_sum - n_same * (n_same + 1) / 2) AS violations,
+    SELECT layer, 'knn' AS scope, label, sum(rank_sum - n_same * (n_same + 1) / 2) AS violations,
         sum(n_same * (n - n_same)) AS triplets
     FROM (
-        SELECT layer, anchor, count(*) AS n, count(*) FILTER (WHERE same) AS n_same,
+        SELECT layer, anchor, any_value(label) AS label, count(*) AS n, count(*) FILTER (WHERE same) AS n_same,
             coalesce(sum(rank) FILTER (WHERE same), 0) AS rank_sum
         FROM knn_pairs
         GROUP BY layer, anchor
     )
-    GROUP BY layer
+    GROUP BY GROUPING SETS ((layer), (layer, label))
 ),
 
 -- global triplets: anchor uniform; positive uniform in its class block without the anchor;
@@ -177,7 +200,7 @@ triplet_ids AS MATERIALIZED (
     JOIN numbered ng ON ng.idx = d.n_idx
 ),
 global_triplets AS (
-    SELECT va.layer, 'global' AS scope,
+    SELECT va.layer, 'global' AS scope, t.label,
         count(*) FILTER (WHERE CASE va.metric
             WHEN 'cosine' THEN list_cosine_distance(va.vec, vp.vec) >= list_cosine_distance(va.vec, vn.vec)
             ELSE list_distance(va.vec, vp.vec) >= list_distance(va.vec, vn.vec) END) AS violations,
@@ -186,18 +209,22 @@ global_triplets AS (
     JOIN layer_vectors va ON va.image_id = t.anchor
     JOIN layer_vectors vp ON vp.image_id = t.positive AND vp.layer = va.layer
     JOIN layer_vectors vn ON vn.image_id = t.negative AND vn.layer = va.layer
-    GROUP BY va.layer
+    GROUP BY GROUPING SETS ((va.layer), (va.layer, t.label))
 ),
 triplets AS (SELECT * FROM knn_triplets UNION ALL SELECT * FROM global_triplets)
 
-SELECT s.layer, s.scope, s.pairs,
-    s.same_n, s.same_mean, s.same_std, s.same_q[1] AS same_p05, s.same_q[2] AS same_p50, s.same_q[3] AS same_p95,
-    s.diff_n, s.diff_mean, s.diff_std, s.diff_q[1] AS diff_p05, s.diff_q[2] AS diff_p50, s.diff_q[3] AS diff_p95,
+SELECT b.layer, b.scope, s.label, s.pairs,
+    s.same_n, s.same_mean, s.same_std, q.same_q[1] AS same_p05, q.same_q[2] AS same_p50, q.same_q[3] AS same_p95,
+    s.diff_n, s.diff_mean, s.diff_std, q.diff_q[1] AS diff_p05, q.diff_q[2] AS diff_p50, q.diff_q[3] AS diff_p95,
     s.same_mean / nullif(s.diff_mean, 0) AS same_diff_ratio,
-    a.auc,
+    (s.same_n * (2 * s.pairs + 1 - s.same_n) - s.same_ranks) / nullif(2 * s.same_n * s.diff_n, 0) AS auc,
     t.violations / nullif(t.triplets, 0) AS triplet_violation_rate,
     coalesce(t.triplets, 0) AS triplets
 FROM stats s
-JOIN auc a USING (layer, scope)
-LEFT JOIN triplets t USING (layer, scope)
-ORDER BY s.layer, s.scope DESC;
+JOIN blocks b USING (blk)
+LEFT JOIN quantiles q ON q.blk = s.blk AND s.label IS NULL
+LEFT JOIN triplets t ON t.layer = b.layer AND t.scope = b.scope AND t.label IS NOT DISTINCT FROM s.label;
+SET VARIABLE class_distances_params = {'layer': getvariable('layer'), 'k': getvariable('k'), 'seed': getvariable('seed'),
+                                       'pairs': getvariable('pairs'), 'triplets': getvariable('triplets')};
+
+SELECT * EXCLUDE (label) FROM results_class_distances WHERE label IS NULL ORDER BY layer, scope DESC;

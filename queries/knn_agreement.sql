@@ -23,12 +23,19 @@
 --                   pytorch-metric-learning's AccuracyCalculator.
 --   deep_n          the number of queries those three are averaged over (n: every image searched)
 --
+-- The figures are also kept, for this connection, as the temporary table results_knn_agreement
+-- (the columns above plus label: NULL for 'all') and the parameters they were computed with as
+-- the variable knn_agreement_params: per_class.sql and layer_comparison.sql read them instead
+-- of computing them again, so in the CLI `.read` this file before those.
+--
 -- Parameters (set any before `.read`, e.g. SET VARIABLE layer = 'penultimate';):
 --   layer  one knn layer; NULL (default) = every layer
 --   k      neighbours per image, 1 .. the run's k; default = every neighbour the knn view lists
 SET VARIABLE layer = coalesce(getvariable('layer'), NULL)::VARCHAR;
 SET VARIABLE k = coalesce(getvariable('k'), (SELECT max(rank) FROM knn))::INTEGER;
 
+-- the figures, kept for per_class.sql and layer_comparison.sql (see the top of this file)
+CREATE OR REPLACE TEMP TABLE results_knn_agreement AS
 WITH
 labels AS (SELECT image_id, label, label_name FROM images),
 
@@ -107,7 +114,9 @@ musgrave AS (
     GROUP BY GROUPING SETS ((layer), (layer, label, label_name))
 )
 
-SELECT a.layer, a.scope, a.n, a.agreement, a.pred_agreement, a.knn_accuracy,
+SELECT a.layer, a.scope, a.label, a.n, a.agreement, a.pred_agreement, a.knn_accuracy,
     m.precision_at_1, m.r_precision, m.map_at_r, coalesce(m.deep_n, 0) AS deep_n
-FROM agreement a LEFT JOIN musgrave m USING (layer, scope)
-ORDER BY a.layer, a.label NULLS FIRST;
+FROM agreement a LEFT JOIN musgrave m USING (layer, scope);
+SET VARIABLE knn_agreement_params = {'layer': getvariable('layer'), 'k': getvariable('k')};
+
+SELECT * EXCLUDE (label) FROM results_knn_agreement ORDER BY layer, label NULLS FIRST;

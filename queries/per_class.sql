@@ -1,5 +1,16 @@
 -- per_class: knn_agreement and class_distances, for each class.
 --
+-- Reads the results of the two measures it summarises, so nothing is computed twice: in the
+-- DuckDB CLI, after `.read RUN/catalog.sql`, set any parameters, then
+--     .read queries/knn_agreement.sql
+--     .read queries/class_distances.sql
+--     .read queries/per_class.sql
+-- Those two files keep their figures as the temporary tables results_knn_agreement and
+-- results_class_distances (with their per-class rows) and their parameters in the variables
+-- knn_agreement_params and class_distances_params; this file stops with an error that says so
+-- when they are missing or were computed with other parameters. featscope (`featscope query`,
+-- the analyze stage) runs them first when needed (queries/__init__.py).
+--
 -- One row per (layer, class). A class's figures are those of the images (queries, anchors) of
 -- that class; the definitions are those of knn_agreement.sql and class_distances.sql:
 --   n, agreement, pred_agreement, knn_accuracy, precision_at_1, r_precision, map_at_r, deep_n
@@ -8,7 +19,7 @@
 --                      edges, 'global' = the seeded uniform sample (per class it holds about
 --                      pairs x class share pairs: small classes get few)
 --
--- Parameters (set any before `.read`):
+-- Parameters (set any before the three `.read`s):
 --   layer     one knn layer; NULL (default) = every layer
 --   k         neighbours per image, 1 .. the run's k; default = every neighbour the knn view lists
 --   seed      the sampling seed (default 0)
@@ -20,212 +31,42 @@ SET VARIABLE seed = coalesce(getvariable('seed'), 0)::BIGINT;
 SET VARIABLE pairs = coalesce(getvariable('pairs'), 100000)::BIGINT;
 SET VARIABLE triplets = coalesce(getvariable('triplets'), 100000)::BIGINT;
 
+-- the two measures' results must be there, for these parameters
+SET VARIABLE per_class_inputs = CASE
+    WHEN getvariable('knn_agreement_params') IS DISTINCT FROM {'layer': getvariable('layer'), 'k': getvariable('k')}
+    THEN error('per_class reads the results of knn_agreement.sql: .read queries/knn_agreement.sql first, with the same layer and k')
+    WHEN getvariable('class_distances_params') IS DISTINCT FROM {'layer': getvariable('layer'), 'k': getvariable('k'),
+        'seed': getvariable('seed'), 'pairs': getvariable('pairs'), 'triplets': getvariable('triplets')}
+    THEN error('per_class reads the results of class_distances.sql: .read queries/class_distances.sql first, with the same parameters')
+    ELSE true END;
+
 WITH
-labels AS (SELECT image_id, label, label_name FROM images),
-
--- ---- kNN agreement (knn_agreement.sql) --------------------------------------------------
-neighbours AS (
-    SELECT knn.layer, knn.query_id, list(nb.label ORDER BY knn.rank) AS nb_labels
-    FROM knn JOIN labels nb ON nb.image_id = knn.neighbor_id
-    WHERE (getvariable('layer') IS NULL OR knn.layer = getvariable('layer'))
-      AND knn.rank <= getvariable('k')
-    GROUP BY knn.layer, knn.query_id
-),
-per_image AS (
-    SELECT n.layer, q.label,
-        len(list_filter(n.nb_labels, lambda x: x = q.label)) / len(n.nb_labels) AS agreement,
-        len(list_filter(n.nb_labels, lambda x: x = p.pred)) / len(n.nb_labels) AS pred_agreement,
-        list_transform(n.nb_labels, lambda x: len(list_filter(n.nb_labels, lambda y: y = x))) AS votes,
-        n.nb_labels[list_position(votes, list_max(votes))] = q.label AS knn_correct
-    FROM neighbours n
-    JOIN labels q ON q.image_id = n.query_id
-    LEFT JOIN predictions p ON p.image_id = n.query_id AND p.view = 'orig'
-),
-agreement AS (
-    SELECT layer, label, count(*) AS n, avg(agreement) AS agreement, avg(pred_agreement) AS pred_agreement,
-        avg(knn_correct::INTEGER) AS knn_accuracy
-    FROM per_image GROUP BY layer, label
-),
-class_sizes AS (
-    SELECT l.label, count(*) AS size
-    FROM predictions p JOIN labels l USING (image_id) WHERE p.view = 'orig' GROUP BY l.label
-),
--- the R = class size - 1 nearest of each searched query (fewer when knn_deep stops earlier)
-deep AS (
-    SELECT d.layer, d.query_id, q.label, d.rank, nb.label = q.label AS hit
-    FROM knn_deep d
-    JOIN labels q ON q.image_id = d.query_id
-    JOIN class_sizes cs ON cs.label = q.label
-    JOIN labels nb ON nb.image_id = d.neighbor_id
-    WHERE (getvariable('layer') IS NULL OR d.layer = getvariable('layer'))
-      AND d.rank < cs.size
-),
-musgrave AS (
-    -- per query: R = the rows kept, and the ranks of the hits; the j-th hit, at rank i, adds
-    -- precision@i = j / i to MAP@R
+-- one row per (layer, class): the two scopes of class_distances side by side
+distances AS (
     SELECT layer, label,
-        avg(coalesce(hit_ranks[1] = 1, false)::INTEGER) AS precision_at_1,
-        avg(coalesce(len(hit_ranks), 0) / r) AS r_precision,
-        avg(coalesce(list_sum(list_transform(hit_ranks, lambda i, j: j / i)), 0) / r) AS map_at_r,
-        count(*) AS deep_n
-    FROM (
-        SELECT layer, query_id, label, count(*) AS r, list_sort(list(rank) FILTER (WHERE hit)) AS hit_ranks
-        FROM deep
-        GROUP BY layer, query_id, label
-    )
+        max(pairs) FILTER (WHERE scope = 'knn') AS knn_pairs,
+        max(same_mean) FILTER (WHERE scope = 'knn') AS knn_same_mean,
+        max(diff_mean) FILTER (WHERE scope = 'knn') AS knn_diff_mean,
+        max(same_diff_ratio) FILTER (WHERE scope = 'knn') AS knn_same_diff_ratio,
+        max(auc) FILTER (WHERE scope = 'knn') AS knn_auc,
+        max(triplet_violation_rate) FILTER (WHERE scope = 'knn') AS knn_triplet_violation_rate,
+        max(pairs) FILTER (WHERE scope = 'global') AS global_pairs,
+        max(same_mean) FILTER (WHERE scope = 'global') AS global_same_mean,
+        max(diff_mean) FILTER (WHERE scope = 'global') AS global_diff_mean,
+        max(same_diff_ratio) FILTER (WHERE scope = 'global') AS global_same_diff_ratio,
+        max(auc) FILTER (WHERE scope = 'global') AS global_auc,
+        max(triplet_violation_rate) FILTER (WHERE scope = 'global') AS global_triplet_violation_rate
+    FROM results_class_distances
+    WHERE label IS NOT NULL
     GROUP BY layer, label
-),
-
--- ---- distances (class_distances.sql), by the anchor's class ------------------------------
-measured_layers AS (
-    SELECT layer, features, metric FROM index_layers
-    WHERE (getvariable('layer') IS NULL OR layer = getvariable('layer'))
-      AND layer IN (SELECT DISTINCT layer FROM knn)
-),
-vectors AS (SELECT layer AS features, image_id, vec FROM embeddings WHERE view = 'orig'),
-knn_pairs AS (
-    SELECT knn.layer, 'knn' AS scope, knn.query_id AS anchor, q.label, knn.rank, knn.distance, q.label = nb.label AS same
-    FROM knn
-    JOIN labels q ON q.image_id = knn.query_id
-    JOIN labels nb ON nb.image_id = knn.neighbor_id
-    WHERE (getvariable('layer') IS NULL OR knn.layer = getvariable('layer'))
-      AND knn.rank <= getvariable('k')
-),
-numbered AS (
-    SELECT image_id, label,
-        row_number() OVER (ORDER BY label, image_id) - 1 AS idx,
-        row_number() OVER (ORDER BY label, image_id) - row_number() OVER (PARTITION BY label ORDER BY image_id) AS class_start,
-        count(*) OVER (PARTITION BY label) AS class_size,
-        count(*) OVER () AS n
-    FROM predictions JOIN labels USING (image_id)
-    WHERE view = 'orig'
-),
-total AS (SELECT any_value(n) AS n FROM numbered),
-pair_draws AS (
-    SELECT a, b + (b >= a)::BIGINT AS b   -- b skips a
-    FROM (
-        SELECT (hash(i, getvariable('seed'), 'pair-a') % n)::BIGINT AS a,
-               (hash(i, getvariable('seed'), 'pair-b') % (n - 1))::BIGINT AS b
-        FROM range(getvariable('pairs')) r(i), total
-        WHERE n > 1
-    )
-),
--- the sampled pairs as image ids, computed once (MATERIALIZED keeps the planner from joining
--- the vectors first), then their distances in every measured layer
-pair_ids AS MATERIALIZED (
-    SELECT pa.image_id AS anchor, pb.image_id AS other, pa.label, pa.label = pb.label AS same
-    FROM pair_draws d
-    JOIN numbered pa ON pa.idx = d.a
-    JOIN numbered pb ON pb.idx = d.b
-),
-layer_vectors AS (
-    SELECT l.layer, l.metric, v.image_id, v.vec
-    FROM measured_layers l JOIN vectors v ON v.features = l.features
-),
-global_pairs AS (
-    SELECT va.layer, 'global' AS scope, p.anchor, p.label, p.same,
-        CASE va.metric WHEN 'cosine' THEN list_cosine_distance(va.vec, vb.vec)
-                       ELSE list_distance(va.vec, vb.vec) END AS distance
-    FROM pair_ids p
-    JOIN layer_vectors va ON va.image_id = p.anchor
-    JOIN layer_vectors vb ON vb.image_id = p.other AND vb.layer = va.layer
-),
-all_pairs AS (
-    SELECT layer, scope, label, distance, same FROM knn_pairs
-    UNION ALL
-    SELECT layer, scope, label, distance, same FROM global_pairs
-),
-stats AS (
-    SELECT layer, scope, label, count(*) AS pairs,
-        avg(distance) FILTER (WHERE same) AS same_mean,
-        avg(distance) FILTER (WHERE NOT same) AS diff_mean
-    FROM all_pairs GROUP BY layer, scope, label
-),
-auc AS (
-    -- neg_before: the different pairs sorting before a row, farther in its own (layer, scope, label) block
-    -- or anywhere in the blocks before it; a block's smallest neg_before is what the blocks before it hold
-    SELECT layer, scope, label,
-        (sum(pos * (2 * neg_before + neg)) - 2 * min(neg_before) * sum(pos)) / nullif(2 * sum(pos) * sum(neg), 0) AS auc
-    FROM (
-        SELECT *, sum(neg) OVER (ORDER BY layer, scope, label, distance DESC) - neg AS neg_before
-        FROM (SELECT layer, scope, label, distance, count(*) FILTER (WHERE same) AS pos, count(*) FILTER (WHERE NOT same) AS neg
-              FROM all_pairs GROUP BY layer, scope, label, distance)
-    )
-    GROUP BY layer, scope, label
-),
--- triplets within each query's neighbour list: the knn view's rank orders them, so the j-th
--- same-class neighbour, at rank r, is violated by the r - j different-class neighbours before it
-knn_triplets AS (
-    SELECT layer, 'knn' AS scope, label, sum(rank_sum - n_same * (n_same + 1) / 2) AS violations,
-        sum(n_same * (n - n_same)) AS triplets
-    FROM (
-        SELECT layer, anchor, label, count(*) AS n, count(*) FILTER (WHERE same) AS n_same,
-            coalesce(sum(rank) FILTER (WHERE same), 0) AS rank_sum
-        FROM knn_pairs
-        GROUP BY layer, anchor, label
-    )
-    GROUP BY layer, label
-),
-triplet_draws AS (
-    SELECT anchor, label,
-        class_start + pj + (pj >= pos)::BIGINT AS p_idx,
-        nj + CASE WHEN nj >= class_start THEN class_size ELSE 0 END AS n_idx
-    FROM (
-        SELECT a.image_id AS anchor, a.label, a.class_start, a.class_size, a.idx - a.class_start AS pos,
-            (hash(d.t, getvariable('seed'), 'triplet-p') % nullif(a.class_size - 1, 0))::BIGINT AS pj,
-            (hash(d.t, getvariable('seed'), 'triplet-n') % nullif(a.n - a.class_size, 0))::BIGINT AS nj
-        FROM (SELECT t, (hash(t, getvariable('seed'), 'triplet-a') % n)::BIGINT AS a_idx
-              FROM range(getvariable('triplets')) r(t), total) d
-        JOIN numbered a ON a.idx = d.a_idx
-    )
-    WHERE pj IS NOT NULL AND nj IS NOT NULL
-),
-triplet_ids AS MATERIALIZED (
-    SELECT d.anchor, d.label, p.image_id AS positive, ng.image_id AS negative
-    FROM triplet_draws d
-    JOIN numbered p ON p.idx = d.p_idx
-    JOIN numbered ng ON ng.idx = d.n_idx
-),
-global_triplets AS (
-    SELECT va.layer, 'global' AS scope, t.label,
-        count(*) FILTER (WHERE CASE va.metric
-            WHEN 'cosine' THEN list_cosine_distance(va.vec, vp.vec) >= list_cosine_distance(va.vec, vn.vec)
-            ELSE list_distance(va.vec, vp.vec) >= list_distance(va.vec, vn.vec) END) AS violations,
-        count(*) AS triplets
-    FROM triplet_ids t
-    JOIN layer_vectors va ON va.image_id = t.anchor
-    JOIN layer_vectors vp ON vp.image_id = t.positive AND vp.layer = va.layer
-    JOIN layer_vectors vn ON vn.image_id = t.negative AND vn.layer = va.layer
-    GROUP BY va.layer, t.label
-),
-triplets AS (SELECT * FROM knn_triplets UNION ALL SELECT * FROM global_triplets),
-distances AS (   -- one row per (layer, class): the two scopes side by side
-    SELECT s.layer, s.label,
-        max(s.pairs) FILTER (WHERE s.scope = 'knn') AS knn_pairs,
-        max(s.same_mean) FILTER (WHERE s.scope = 'knn') AS knn_same_mean,
-        max(s.diff_mean) FILTER (WHERE s.scope = 'knn') AS knn_diff_mean,
-        max(s.same_mean / nullif(s.diff_mean, 0)) FILTER (WHERE s.scope = 'knn') AS knn_same_diff_ratio,
-        max(a.auc) FILTER (WHERE s.scope = 'knn') AS knn_auc,
-        max(t.violations / nullif(t.triplets, 0)) FILTER (WHERE s.scope = 'knn') AS knn_triplet_violation_rate,
-        max(s.pairs) FILTER (WHERE s.scope = 'global') AS global_pairs,
-        max(s.same_mean) FILTER (WHERE s.scope = 'global') AS global_same_mean,
-        max(s.diff_mean) FILTER (WHERE s.scope = 'global') AS global_diff_mean,
-        max(s.same_mean / nullif(s.diff_mean, 0)) FILTER (WHERE s.scope = 'global') AS global_same_diff_ratio,
-        max(a.auc) FILTER (WHERE s.scope = 'global') AS global_auc,
-        max(t.violations / nullif(t.triplets, 0)) FILTER (WHERE s.scope = 'global') AS global_triplet_violation_rate
-    FROM stats s
-    JOIN auc a USING (layer, scope, label)
-    LEFT JOIN triplets t USING (layer, scope, label)
-    GROUP BY s.layer, s.label
 )
 
-SELECT ag.layer, c.label_name AS class, ag.n, ag.agreement, ag.pred_agreement, ag.knn_accuracy,
-    m.precision_at_1, m.r_precision, m.map_at_r, coalesce(m.deep_n, 0) AS deep_n,
+SELECT ag.layer, ag.scope AS class, ag.n, ag.agreement, ag.pred_agreement, ag.knn_accuracy,
+    ag.precision_at_1, ag.r_precision, ag.map_at_r, ag.deep_n,
     d.knn_pairs, d.knn_same_mean, d.knn_diff_mean, d.knn_same_diff_ratio, d.knn_auc, d.knn_triplet_violation_rate,
     d.global_pairs, d.global_same_mean, d.global_diff_mean, d.global_same_diff_ratio, d.global_auc,
     d.global_triplet_violation_rate
-FROM agreement ag
-JOIN (SELECT DISTINCT label, label_name FROM labels) c USING (label)
-LEFT JOIN musgrave m USING (layer, label)
+FROM results_knn_agreement ag
 LEFT JOIN distances d USING (layer, label)
+WHERE ag.label IS NOT NULL
 ORDER BY ag.layer, ag.label;

@@ -176,6 +176,20 @@ def summary_rows(run_path: str) -> tuple[list[str], list[tuple]]:
     return SUMMARY_COLUMNS, list(zip(*[t.column(c).to_pylist() for c in SUMMARY_COLUMNS]))
 
 
+CONTINUITY_COLUMNS = ["layer", "view", "lipschitz_mean", "twin_rank_mean", "continuity_accuracy", "flip_rate",
+                      "cam_continuity_mean"]
+
+
+def continuity_rows(run_path: str) -> tuple[list[str], list[tuple]]:
+    """The continuity headline of each layer x view (scope 'all') for the run summary."""
+    try:
+        t = pq.read_table(RunDir(run_path).p("results", "continuity.parquet"))
+    except FileNotFoundError:
+        return CONTINUITY_COLUMNS, []
+    rows = [r for r in t.to_pylist() if r["scope"] == "all"]
+    return CONTINUITY_COLUMNS, [tuple(r[c] for c in CONTINUITY_COLUMNS) for r in rows]
+
+
 def deep_note(run_path: str) -> str:
     """One line that says which queries precision@1 / R-precision / MAP@R were computed on."""
     a = RunDir(run_path).read_meta().get("stages", {}).get("analyze", {})

@@ -72,6 +72,20 @@ def test_per_class_rows_and_views(shapes_run):
     assert len(per_class) == 12 and sum(r["n"] for r in per_class) == 36
 
 
+def _explainer(x, e_orig, e_view):
+    """An explanation function for captum: the stored explanation of x, or of its perturbed view.
+
+    captum calls it with the original inputs as a tuple (and wants a tuple back), then with the
+    perturbed batch our perturb_func returned; tell them apart by value.
+    """
+    def explain(inp):
+        if isinstance(inp, tuple):
+            return tuple(explain(t) for t in inp)
+        return e_orig if torch.equal(inp, x) else e_view
+
+    return explain
+
+
 def test_input_distances_and_cam_continuity_match_numpy_and_captum(shapes_run):
     """||x - x'|| from the images by hand; ||CAM(x) - CAM(x')||_1 / ||x - x'||_2 through Captum.
 
@@ -97,8 +111,7 @@ def test_input_distances_and_cam_continuity_match_numpy_and_captum(shapes_run):
         # the explanations: the stored CAMs (featscope's), as tensors for captum
         e_orig = torch.tensor(np.stack([cams[(i, "orig")][1] for i in ids]))
         e_view = torch.tensor(np.stack([cams[(i, view)][1] for i in ids]))
-        lookup = {"orig": e_orig, "view": e_view}
-        sens = sensitivity_max(lambda inp: lookup["view"] if inp is xv else lookup["orig"], x,
+        sens = sensitivity_max(_explainer(x, e_orig, e_view), x,
                                perturb_func=lambda inp, perturb_radius=0.0: xv, n_perturb_samples=1, norm_ord=1)
         expected = sens.numpy() * e_orig.abs().sum(1).numpy() / dist
         # and the same directly in numpy
@@ -126,7 +139,7 @@ def test_lipschitz_matches_captum_on_features(shapes_run):
     dist = np.array([r[2] for r in rows])
     marker = torch.zeros(len(rows), 1)
     perturbed = marker + 1
-    sens = sensitivity_max(lambda inp: f_view if inp is perturbed else f_orig, marker,
+    sens = sensitivity_max(_explainer(marker, f_orig, f_view), marker,
                            perturb_func=lambda inp, perturb_radius=0.0: perturbed, n_perturb_samples=1)
     lip = sens.numpy() * f_orig.norm(dim=1).numpy() / dist
     row = next(r for r in continuity(shapes_run, layer="penultimate", view="noise:0.1") if r["scope"] == "all")
