@@ -53,7 +53,6 @@ def featscope_extract(data: str, out: str, model: str, size: int, batch: int, vi
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
         run_pipeline(build_config(None, {**common, "stages": ["ingest"]}, sets), quiet=True)
-        t1 = time.perf_counter()
         res = run_pipeline(build_config(None, {**common, "stages": ["extract"]}, sets), quiet=True)
         t2 = time.perf_counter()
     stats = RunDir(out).read_stats("extract")

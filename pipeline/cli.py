@@ -4,14 +4,13 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
-import io
 import json
 import math
 import os
 import sys
 
 from .config import STAGES, UserError, build_config
-from .progress import say, set_quiet
+from .progress import set_quiet
 
 
 def _add_format(p: argparse.ArgumentParser) -> None:

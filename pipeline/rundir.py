@@ -116,6 +116,15 @@ def remove_stale_temporaries(root: str) -> int:
     return removed
 
 
+def read_json(path: str) -> Any:
+    """A marker or stats file, or None when it is missing or unreadable (then the work is redone)."""
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = _tmp_name(path)

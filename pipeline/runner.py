@@ -141,6 +141,9 @@ def _require(run: RunDir, stage: str, needs: str) -> None:
 
 
 def run_pipeline(cfg: Config, quiet: bool = False) -> dict:
+    from .progress import set_quiet
+
+    set_quiet(quiet)  # progress bars and notes on stderr; none in --format json
     prep = Prepared(cfg)  # raises UserError before any work
     run = prep.run
     if cfg.overwrite:

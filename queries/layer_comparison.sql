@@ -7,6 +7,9 @@
 --   n, agreement, pred_agreement, knn_accuracy, precision_at_1, r_precision, map_at_r, deep_n
 --   knn_* / global_*   pairs, same_mean, diff_mean, same_diff_ratio, auc, triplet_violation_rate
 --                      of the kNN edges ('knn') and of the seeded uniform sample ('global')
+--   continuity_accuracy, lipschitz_mean, twin_rank_mean
+--                      continuity.sql's figures averaged over every perturbed view of the run
+--                      (NULL when the run made no views; per view: continuity.sql)
 -- Rows are ordered best first by map_at_r, then agreement: higher is better for agreement,
 -- knn_accuracy, precision_at_1, r_precision, map_at_r and auc; lower for same_diff_ratio and
 -- triplet_violation_rate. Distances of different metrics are not comparable with each other;
@@ -61,6 +64,18 @@ distances AS (
     FROM results_class_distances
     WHERE label IS NULL
     GROUP BY layer
+),
+
+-- one row per layer: continuity under perturbation, over all its (image, view) pairs
+continuity AS (
+    SELECT t.layer,
+        avg((t.feature_dist < t.nearest_other_dist)::INTEGER) AS continuity_accuracy,
+        avg(CASE WHEN p.input_dist > 0 THEN t.feature_dist / p.input_dist
+                 WHEN t.feature_dist = 0 THEN 0.0 END) AS lipschitz_mean,
+        avg(t.twin_rank) AS twin_rank_mean
+    FROM twins t
+    JOIN perturbations p ON p.image_id = t.image_id AND p.view = t.view
+    GROUP BY t.layer
 )
 
 SELECT ag.layer, il.features, il.pooling, il.metric, il.dim,
@@ -68,9 +83,11 @@ SELECT ag.layer, il.features, il.pooling, il.metric, il.dim,
     ag.precision_at_1, ag.r_precision, ag.map_at_r, ag.deep_n,
     d.knn_pairs, d.knn_same_mean, d.knn_diff_mean, d.knn_same_diff_ratio, d.knn_auc, d.knn_triplet_violation_rate,
     d.global_pairs, d.global_same_mean, d.global_diff_mean, d.global_same_diff_ratio, d.global_auc,
-    d.global_triplet_violation_rate
+    d.global_triplet_violation_rate,
+    c.continuity_accuracy, c.lipschitz_mean, c.twin_rank_mean
 FROM results_knn_agreement ag
 LEFT JOIN index_layers il USING (layer)
 LEFT JOIN distances d USING (layer)
+LEFT JOIN continuity c USING (layer)
 WHERE ag.label IS NULL
 ORDER BY ag.map_at_r DESC NULLS LAST, ag.agreement DESC, ag.layer;

@@ -12,7 +12,6 @@ dataset.
 """
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
@@ -23,13 +22,13 @@ import pyarrow.parquet as pq
 import queries
 from pipeline import catalog
 from pipeline.config import Config, UserError
-from pipeline.rundir import AtomicParquetWriter, RunDir, layer_dir, write_json_atomic, write_table_atomic
+from pipeline.rundir import AtomicParquetWriter, layer_dir, read_json, RunDir, write_json_atomic, write_table_atomic
 
 KNN_SCHEMA = pa.schema([("layer", pa.string()), ("query_id", pa.int64()), ("rank", pa.int32()),
                         ("neighbor_id", pa.int64()), ("distance", pa.float32())])
 Q_BLOCK, R_CHUNK = 1024, 8192  # 1024 x 8192 float64 scores = 64 MB
 SUMMARY_COLUMNS = ["layer", "agreement", "knn_accuracy", "map_at_r", "knn_auc", "global_auc",
-                   "global_triplet_violation_rate"]
+                   "global_triplet_violation_rate", "continuity_accuracy"]
 
 
 def _shards(run: RunDir, features: str):
@@ -101,12 +100,6 @@ def deep_search(run: RunDir, features: str, metric: str, query_ids: np.ndarray, 
     return qids, nbr, dist.astype(np.float32)
 
 
-def _read_json(path: str):
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except (FileNotFoundError, ValueError):
-        return None
 
 
 def write_deep_knn(run: RunDir, meta: dict, max_queries: int, max_depth: int, seed: int) -> dict:
@@ -125,7 +118,7 @@ def write_deep_knn(run: RunDir, meta: dict, max_queries: int, max_depth: int, se
         info = {"deep_images": len(ids), "deep_queries": len(query_ids), "deep_k": depth, "deep_sample": sample}
         marker = run.p("knn_deep", layer_dir(name) + ".json")
         stamp = {"fingerprint": meta.get("fingerprint"), "features": features, "metric": metric, **info}
-        if run.parquet_files("knn_deep", layer_dir(name)) and _read_json(marker) == stamp:
+        if run.parquet_files("knn_deep", layer_dir(name)) and read_json(marker) == stamp:
             continue  # already searched with the same settings
         path = run.p("knn_deep", layer_dir(name), "part-00000.parquet")
         if depth == 0:

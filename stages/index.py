@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from pipeline.config import UserError
-from pipeline.rundir import RunDir, _tmp_name, layer_dir, write_json_atomic
+from pipeline.rundir import _tmp_name, layer_dir, read_json, RunDir, write_json_atomic
 
 from .vectors import DISTANCE_NOTE, base_signature, exact_search, load_base
 
@@ -157,7 +157,7 @@ def run(run_dir: RunDir, cfg, progress) -> dict:
         name, metric = entry["name"], entry["metric"]
         path = run_dir.p("index", layer_dir(name))
         sig = base_signature(run_dir, entry["features"], metric)
-        old = _read_json(path + ".json")
+        old = read_json(path + ".json")
         if old and old.get("base") == sig and old.get("request") == request and os.path.exists(path + ".faiss"):
             rows, recalls = rows + old["n"], recalls + [old["recall_at_k"]]
             continue
@@ -185,13 +185,3 @@ def run(run_dir: RunDir, cfg, progress) -> dict:
         recalls.append(info["recall_at_k"])
     return {"indexes": len(entries), "redone": built, "rows": rows, "seconds": round(seconds, 3),
             "min_recall_at_k": min(recalls) if recalls else None}
-
-
-def _read_json(path: str) -> dict | None:
-    import json
-
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None

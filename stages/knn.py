@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import UserError
-from pipeline.rundir import RunDir, layer_dir, shard_name, write_json_atomic, write_table_atomic
+from pipeline.rundir import layer_dir, read_json, RunDir, shard_name, write_json_atomic, write_table_atomic
 
 from .vectors import base_signature, exact_candidates, finish, load_base, score_buffer
 
@@ -111,16 +111,10 @@ def _workers(cfg, method: str, n_jobs: int) -> tuple[int, dict, int, str]:
     return max(1, min(len(nodes) or 1, n_jobs)), {"num_cpus": per_node}, per_node, "cpu"
 
 
-def _read_json(path: str) -> dict | None:
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def _index_info(run_dir: RunDir, name: str) -> dict | None:
-    return _read_json(run_dir.p("index", layer_dir(name) + ".json"))
+    return read_json(run_dir.p("index", layer_dir(name) + ".json"))
 
 
 def _plan(cfg, name: str, n: int, sig: str, info: dict | None) -> tuple[dict, list]:
@@ -152,7 +146,7 @@ def knn_layer(run_dir: RunDir, cfg, entry: dict, progress) -> dict:
         return all(old.get(key) == val for key, val in record.items())
 
     # resume without reading the vectors when the layer's summary and every shard still match
-    old = _read_json(summary_path)
+    old = read_json(summary_path)
     if old and old.get("base") == sig:
         record, shards = _plan(cfg, name, old["queries"], sig, info)
         if all(current(record, i) for i, _, _ in shards):

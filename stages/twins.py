@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.rundir import RunDir, layer_dir, write_json_atomic, write_table_atomic
+from pipeline.rundir import layer_dir, read_json, RunDir, write_json_atomic, write_table_atomic
 
 from .vectors import B_CHUNK, Q_BLOCK, exact_distances, feature_files, load_base, prepare
 
@@ -116,7 +116,7 @@ def write_twins(run: RunDir, meta: dict, max_queries: int, seed: int) -> dict:
         sig = {"base": base_signature(run, entry["features"], entry["metric"]), "views": meta["views"],
                "max_queries": max_queries, "seed": seed}
         marker = run.p(*folder, "_done.json")
-        if run.parquet_files(*folder) and _read(marker) == sig:
+        if run.parquet_files(*folder) and read_json(marker) == sig:
             continue
         table = twins_for_layer(run, entry, max_queries, seed)
         write_table_atomic(run.p(*folder, "part-00000.parquet"), table)
@@ -124,13 +124,3 @@ def write_twins(run: RunDir, meta: dict, max_queries: int, seed: int) -> dict:
         done += 1
         rows += table.num_rows
     return {"twin_layers": done, "twin_rows": rows}
-
-
-def _read(path: str):
-    import json
-
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return None

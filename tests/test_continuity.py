@@ -159,7 +159,7 @@ def _linear_run(tmp_path, d_in=6, d_out=4, n=20):
     write_table_atomic(run.p("images", "part-00000.parquet"), pa.table({
         "image_id": ids, "uri": [f"x{i}" for i in ids], "label": labels.astype(np.int32),
         "label_name": [str(l) for l in labels], "split": [None] * n, "width": [1] * n, "height": [1] * n}))
-    feats, views, preds = [], [], []
+    feats, views = [], []
     for j in range(2):
         eps = 0.01 * (j + 1)
         xv = x + eps * vt[j]
@@ -256,3 +256,14 @@ def test_shift_moves_content_and_replicates_edges():
                 if (dx or dy) and np.array_equal(ref, out[n].numpy()):
                     found = abs(round((dx ** 2 + dy ** 2) ** 0.5) - 3) <= 1
         assert found
+
+
+def test_layer_comparison_carries_continuity(shapes_run):
+    con = connect(shapes_run)
+    comparison = {r["layer"]: r for r in run_measure(con, "layer_comparison", {}, RunDir(shapes_run).read_meta())
+                  .to_pylist()}
+    for layer, row in comparison.items():
+        per_view = [r for r in continuity(shapes_run, layer=layer) if r["scope"] == "all"]
+        # every view has the same images, so the layer's figure is the mean of the views' figures
+        assert row["continuity_accuracy"] == pytest.approx(np.mean([r["continuity_accuracy"] for r in per_view]))
+        assert row["twin_rank_mean"] == pytest.approx(np.mean([r["twin_rank_mean"] for r in per_view]))

@@ -76,7 +76,7 @@ def test_knn_through_ann_index(ray_session, tmp_path):
     run, ids = make_run(tmp_path / "run", vecs)
     cfg = config(k=10, index_flat_max=1000, exact_knn_max=1000, shard_size=2048)
     index.run(run, cfg, progress)
-    res = knn.run(run, cfg, progress)
+    knn.run(run, cfg, progress)
     assert run.read_stats("knn")[0]["method"] == "index"
     nid, dist, qid = as_matrix(knn_table(run), 10)
     order = {int(i): p for p, i in enumerate(ids)}
