@@ -39,26 +39,27 @@ CREATE OR REPLACE TEMP TABLE results_knn_agreement AS
 WITH
 labels AS (SELECT image_id, label, label_name FROM images),
 
--- one row per (layer, image): its neighbours' labels, nearest first
-neighbours AS (
-    SELECT knn.layer, knn.query_id, list(nb.label ORDER BY knn.rank) AS nb_labels
+-- one row per (layer, image, label among its k neighbours): the label's votes and its nearest rank
+votes AS (
+    SELECT knn.layer, knn.query_id, nb.label, count(*) AS votes, min(knn.rank) AS nearest
     FROM knn JOIN labels nb ON nb.image_id = knn.neighbor_id
     WHERE (getvariable('layer') IS NULL OR knn.layer = getvariable('layer'))
       AND knn.rank <= getvariable('k')
-    GROUP BY knn.layer, knn.query_id
+    GROUP BY knn.layer, knn.query_id, nb.label
 ),
 
+-- agreement and pred_agreement: the share of the votes that go to the image's (predicted) label;
+-- knn_correct: the vote's winner is the label with most votes, of tied labels the nearest (votes
+-- times k + 1 minus the nearest rank, 1 .. k, orders the labels by votes, then by nearness)
 per_image AS (
-    SELECT n.layer, q.label, q.label_name,
-        len(list_filter(n.nb_labels, lambda x: x = q.label)) / len(n.nb_labels) AS agreement,
-        len(list_filter(n.nb_labels, lambda x: x = p.pred)) / len(n.nb_labels) AS pred_agreement,
-        -- the vote count of each position's label: the first position holding the top count is
-        -- the nearest occurrence among the tied winners
-        list_transform(n.nb_labels, lambda x: len(list_filter(n.nb_labels, lambda y: y = x))) AS votes,
-        n.nb_labels[list_position(votes, list_max(votes))] = q.label AS knn_correct
-    FROM neighbours n
-    JOIN labels q ON q.image_id = n.query_id
-    LEFT JOIN predictions p ON p.image_id = n.query_id AND p.view = 'orig'
+    SELECT v.layer, q.label, q.label_name,
+        coalesce(sum(v.votes) FILTER (WHERE v.label = q.label), 0) / sum(v.votes) AS agreement,
+        coalesce(sum(v.votes) FILTER (WHERE v.label = p.pred), 0) / sum(v.votes) AS pred_agreement,
+        arg_max(v.label, v.votes * (getvariable('k') + 1) - v.nearest) = q.label AS knn_correct
+    FROM votes v
+    JOIN labels q ON q.image_id = v.query_id
+    LEFT JOIN predictions p ON p.image_id = v.query_id AND p.view = 'orig'
+    GROUP BY v.layer, v.query_id, q.label, q.label_name
 ),
 
 agreement AS (
