@@ -289,11 +289,12 @@ def run(run_dir: RunDir, cfg, spec: dict, n_shards: int, progress) -> dict:
             spec = {**spec, "device": "cpu", "threads": threads}
         replicas = max(1, min(replicas, len(todo)))
         ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
-        # a replica killed mid-shard is restarted and its shard retried (Ray Data's defaults, pinned here
-        # because exactly-once rests on them): the retry rewrites the same final names with the same content
+        # a replica killed mid-shard is restarted and its shard retried: Ray Data's actor-pool defaults
+        # (max_restarts=-1, max_task_retries=-1; passing them again is deprecated in Ray 2.60, and
+        # tests/test_cluster.py kills a replica to hold them to it). The retry rewrites the same final
+        # names with the same content, so every row exists once.
         ds = ds.map_batches(ShardExtractor, fn_constructor_args=(run_dir.path, spec), batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=replicas), max_restarts=-1,
-                            max_task_retries=-1, **remote)
+                            compute=ray.data.ActorPoolStrategy(size=replicas), **remote)
         for _ in progress(ds.iter_rows(), "extract", n_shards - len(todo), n_shards):
             pass
     stats = run_dir.read_stats("extract")
