@@ -101,16 +101,13 @@ def _workers(cfg, method: str, n_jobs: int) -> tuple[int, dict, int, str]:
     """(actors, Ray resources per actor, torch/FAISS threads, device)."""
     import ray
 
-    import torch
-
+    # the cluster's GPUs, not the driver's: a head without a GPU still gets GPU workers
     gpus = int(ray.cluster_resources().get("GPU", 0)) if cfg.device != "cpu" else 0
-    if gpus and method == "exact" and torch.cuda.is_available():
+    if gpus and method == "exact":
         return min(gpus, n_jobs), {"num_gpus": 1, "num_cpus": 1}, 1, "cuda"
     nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
     per_node = int(min(n["Resources"]["CPU"] for n in nodes)) if nodes else 1
     return max(1, min(len(nodes) or 1, n_jobs)), {"num_cpus": per_node}, per_node, "cpu"
-
-
 
 
 def _index_info(run_dir: RunDir, name: str) -> dict | None:
