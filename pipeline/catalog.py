@@ -106,14 +106,16 @@ def catalog_sql(run: RunDir) -> str:
 
 
 def write_catalog(run: RunDir) -> str:
-    from .rundir import _tmp_name
+    from .rundir import write_file_atomic
 
     text = catalog_sql(run)
     path = run.p("catalog.sql")
-    tmp = _tmp_name(path)
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+
+    write_file_atomic(path, write)
     return path
 
 

@@ -116,6 +116,19 @@ def remove_stale_temporaries(root: str) -> int:
     return removed
 
 
+def write_file_atomic(path: str, write) -> None:
+    """`write(tmp_path)` writes the file (torch.save, faiss.write_index, ...); then it is renamed into place."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = _tmp_name(os.path.abspath(path))
+    try:
+        write(tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+
+
 def read_json(path: str) -> Any:
     """A marker or stats file, or None when it is missing or unreadable (then the work is redone)."""
     try:

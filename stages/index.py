@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from pipeline.config import UserError
-from pipeline.rundir import _tmp_name, layer_dir, read_json, RunDir, write_json_atomic
+from pipeline.rundir import layer_dir, read_json, RunDir, write_file_atomic, write_json_atomic
 
 from .vectors import DISTANCE_NOTE, base_signature, exact_search, load_base
 
@@ -168,10 +168,7 @@ def run(run_dir: RunDir, cfg, progress) -> dict:
             index, info = build(base, ids, factory, metric, cfg.k, cfg.index_recall, cfg.seed)
         except RuntimeError as exc:  # FAISS rejects a factory string or a training set
             raise UserError(f"index for layer '{name}' ({factory}): {str(exc).strip().splitlines()[-1]}") from None
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = _tmp_name(path + ".faiss")
-        faiss.write_index(index, tmp)
-        os.replace(tmp, path + ".faiss")
+        write_file_atomic(path + ".faiss", lambda tmp: faiss.write_index(index, tmp))
         info.update({"layer": name, "features": entry["features"], "metric": metric, "distance": DISTANCE_NOTE[metric],
                      "factory": factory, "n": len(ids), "dim": int(base.shape[1]), "base": sig, "request": request,
                      "bytes": os.path.getsize(path + ".faiss"), "seconds": round(time.perf_counter() - t0, 3)})

@@ -22,14 +22,7 @@ from .models import Preprocess
 
 
 def _as_uint8(pre: Preprocess, blobs: list[bytes], batch: int = 512) -> torch.Tensor:
-    out = []
-    for i in range(0, len(blobs), batch):
-        imgs = [decode_rgb(b) for b in blobs[i:i + batch]]
-        if all(im.shape == imgs[0].shape for im in imgs):
-            out.append(pre._geometry(torch.stack(imgs)))
-        else:
-            out.append(torch.stack([pre._geometry(im) for im in imgs]))
-    return torch.cat(out)
+    return torch.cat([pre.geometry([decode_rgb(b) for b in blobs[i:i + batch]]) for i in range(0, len(blobs), batch)])
 
 
 def held_out_mask(ids: np.ndarray, splits: list, seed: int) -> np.ndarray:
@@ -85,15 +78,11 @@ def accuracy(model, pre, x_u8, y, batch: int = 512) -> float:
 
 def save_checkpoint(path: str, model: nn.Module, name: str, class_names: list[str], image_size: int,
                     metrics: dict) -> None:
-    import os
+    from pipeline.rundir import write_file_atomic
 
-    from pipeline.rundir import _tmp_name
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = _tmp_name(os.path.abspath(path))
-    torch.save({"model": name, "state_dict": model.state_dict(), "class_names": class_names,
-                "image_size": image_size, "metrics": metrics}, tmp)
-    os.replace(tmp, path)
+    write_file_atomic(path, lambda tmp: torch.save({"model": name, "state_dict": model.state_dict(),
+                                                    "class_names": class_names, "image_size": image_size,
+                                                    "metrics": metrics}, tmp))
 
 
 def train_records(name: str, records: list[dict], class_names: list[str], cfg, out: str, progress=None) -> dict:
