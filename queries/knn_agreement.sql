@@ -37,7 +37,9 @@ SET VARIABLE k = coalesce(getvariable('k'), (SELECT max(rank) FROM knn))::INTEGE
 -- the figures, kept for per_class.sql and layer_comparison.sql (see the top of this file)
 CREATE OR REPLACE TEMP TABLE results_knn_agreement AS
 WITH
-labels AS (SELECT image_id, label, label_name FROM images),
+-- labels as integers through the 10M-edge joins and groups; class names join the ~1000 result rows
+labels AS NOT MATERIALIZED (SELECT image_id, label FROM images),
+class_names AS (SELECT DISTINCT label, label_name FROM images),
 
 -- one row per (layer, image, label among its k neighbours): the label's votes and its nearest rank
 votes AS (
@@ -52,26 +54,25 @@ votes AS (
 -- knn_correct: the vote's winner is the label with most votes, of tied labels the nearest (votes
 -- times k + 1 minus the nearest rank, 1 .. k, orders the labels by votes, then by nearness)
 per_image AS (
-    SELECT v.layer, q.label, q.label_name,
+    SELECT v.layer, q.label,
         coalesce(sum(v.votes) FILTER (WHERE v.label = q.label), 0) / sum(v.votes) AS agreement,
         coalesce(sum(v.votes) FILTER (WHERE v.label = p.pred), 0) / sum(v.votes) AS pred_agreement,
         arg_max(v.label, v.votes * (getvariable('k') + 1) - v.nearest) = q.label AS knn_correct
     FROM votes v
     JOIN labels q ON q.image_id = v.query_id
     LEFT JOIN predictions p ON p.image_id = v.query_id AND p.view = 'orig'
-    GROUP BY v.layer, v.query_id, q.label, q.label_name
+    GROUP BY v.layer, v.query_id, q.label
 ),
 
 agreement AS (
     SELECT layer,
-        CASE WHEN grouping(label_name) = 1 THEN 'all' ELSE label_name END AS scope,
-        label,  -- NULL for 'all': orders the scopes
+        label,  -- NULL for 'all'
         count(*) AS n,
         avg(agreement) AS agreement,
         avg(pred_agreement) AS pred_agreement,
         avg(knn_correct::INTEGER) AS knn_accuracy
     FROM per_image
-    GROUP BY GROUPING SETS ((layer), (layer, label, label_name))
+    GROUP BY GROUPING SETS ((layer), (layer, label))
 ),
 
 -- R of a class: its other images among those with features (the search's reference set)
@@ -81,43 +82,52 @@ class_sizes AS (
     WHERE p.view = 'orig'
     GROUP BY l.label
 ),
--- the R = class size - 1 nearest of each searched query (fewer when knn_deep stops earlier)
+-- every searched query's neighbours, hit = same label
 deep AS (
-    SELECT d.layer, d.query_id, q.label, q.label_name, d.rank, nb.label = q.label AS hit
+    SELECT d.layer, d.query_id, q.label, d.rank, nb.label = q.label AS hit
     FROM knn_deep d
     JOIN labels q ON q.image_id = d.query_id
-    JOIN class_sizes cs ON cs.label = q.label
     JOIN labels nb ON nb.image_id = d.neighbor_id
-    WHERE (getvariable('layer') IS NULL OR d.layer = getvariable('layer'))
-      AND d.rank < cs.size
+    WHERE getvariable('layer') IS NULL OR d.layer = getvariable('layer')
 ),
--- per query: R = the rows kept, and the ranks of the hits; the j-th hit, at rank i, adds
--- precision@i = j / i to MAP@R
+-- per query: R = class size - 1, or fewer when knn_deep stops earlier (it lists ranks 1, 2, ...
+-- without gaps), and the ranks of the hits within R; the j-th hit, at rank i, adds
+-- precision@i = j / i to MAP@R. (Class sizes join the ~10,000 per-query rows, not the 10M deep
+-- edges: joined there, the planner expects a few thousand rows and builds its hash table on the
+-- edges.)
 deep_per_query AS (
-    SELECT layer, query_id, label, label_name,
+    SELECT layer, query_id, label,
         coalesce(hit_ranks[1] = 1, false)::INTEGER AS precision_at_1,
-        coalesce(len(hit_ranks), 0) / r AS r_precision,
+        len(hit_ranks) / r AS r_precision,
         coalesce(list_sum(list_transform(hit_ranks, lambda i, j: j / i)), 0) / r AS map_at_r
     FROM (
-        SELECT layer, query_id, label, label_name, count(*) AS r, list_sort(list(rank) FILTER (WHERE hit)) AS hit_ranks
-        FROM deep
-        GROUP BY layer, query_id, label, label_name
+        SELECT q.layer, q.query_id, q.label, least(q.depth, cs.size - 1) AS r,
+            list_filter(q.hit_ranks, lambda i: i < cs.size) AS hit_ranks
+        FROM (
+            SELECT layer, query_id, label, count(*) AS depth,
+                list_sort(coalesce(list(rank) FILTER (WHERE hit), [])) AS hit_ranks
+            FROM deep
+            GROUP BY layer, query_id, label
+        ) q
+        JOIN class_sizes cs ON cs.label = q.label
     )
+    WHERE r > 0  -- alone in its class
 ),
 musgrave AS (
-    SELECT layer,
-        CASE WHEN grouping(label_name) = 1 THEN 'all' ELSE label_name END AS scope,
+    SELECT layer, label,
         avg(precision_at_1) AS precision_at_1,
         avg(r_precision) AS r_precision,
         avg(map_at_r) AS map_at_r,
         count(*) AS deep_n
     FROM deep_per_query
-    GROUP BY GROUPING SETS ((layer), (layer, label, label_name))
+    GROUP BY GROUPING SETS ((layer), (layer, label))
 )
 
-SELECT a.layer, a.scope, a.label, a.n, a.agreement, a.pred_agreement, a.knn_accuracy,
+SELECT a.layer, CASE WHEN a.label IS NULL THEN 'all' ELSE c.label_name END AS scope, a.label, a.n, a.agreement, a.pred_agreement, a.knn_accuracy,
     m.precision_at_1, m.r_precision, m.map_at_r, coalesce(m.deep_n, 0) AS deep_n
-FROM agreement a LEFT JOIN musgrave m USING (layer, scope);
+FROM agreement a
+LEFT JOIN musgrave m ON m.layer = a.layer AND m.label IS NOT DISTINCT FROM a.label
+LEFT JOIN class_names c ON c.label = a.label;
 SET VARIABLE knn_agreement_params = {'layer': getvariable('layer'), 'k': getvariable('k')};
 
 SELECT * EXCLUDE (label) FROM results_knn_agreement ORDER BY layer, label NULLS FIRST;

@@ -22,23 +22,24 @@ SET VARIABLE min_prob = coalesce(getvariable('min_prob'), 0.5)::DOUBLE;
 SET VARIABLE max_agreement = coalesce(getvariable('max_agreement'), 0.5)::DOUBLE;
 
 WITH
-labels AS (SELECT image_id, label, label_name FROM images),
+-- labels as integers through the 10M-edge joins and groups; class names only for the top images
+labels AS NOT MATERIALIZED (SELECT image_id, label FROM images),
 class_names AS (SELECT DISTINCT label, label_name FROM images),
 edges AS (
-    SELECT knn.layer, knn.query_id, knn.rank, knn.neighbor_id, nb.label, nb.label_name
+    SELECT knn.layer, knn.query_id, knn.rank, knn.neighbor_id, nb.label
     FROM knn JOIN labels nb ON nb.image_id = knn.neighbor_id
     WHERE (getvariable('layer') IS NULL OR knn.layer = getvariable('layer'))
       AND knn.rank <= getvariable('k')
 ),
 -- the candidates first (a plain count per image), the neighbour lists only for the top ones
 candidates AS (
-    SELECT e.layer, e.query_id AS image_id, q.label, q.label_name, p.pred, p.prob,
+    SELECT e.layer, e.query_id AS image_id, q.label, p.pred, p.prob,
         count(*) FILTER (WHERE e.label = q.label) / count(*) AS agreement
     FROM edges e
     JOIN labels q ON q.image_id = e.query_id
     JOIN predictions p ON p.image_id = e.query_id AND p.view = 'orig'
     WHERE p.prob >= getvariable('min_prob')
-    GROUP BY e.layer, e.query_id, q.label, q.label_name, p.pred, p.prob
+    GROUP BY e.layer, e.query_id, q.label, p.pred, p.prob
 ),
 ranked AS (
     SELECT *, prob * (1 - agreement) AS suspicion,
@@ -49,17 +50,18 @@ ranked AS (
 ),
 neighbours AS (
     SELECT e.layer, e.query_id AS image_id,
-        list(e.label_name ORDER BY e.rank) AS neighbor_labels,
+        list(c.label_name ORDER BY e.rank) AS neighbor_labels,
         list(e.neighbor_id ORDER BY e.rank) AS neighbor_ids,
         list(e.label ORDER BY e.rank) AS nb_labels,
         -- the vote count of each position's label: the first position holding the top count is
         -- the nearest occurrence among the tied winners
         list_transform(nb_labels, lambda x: len(list_filter(nb_labels, lambda y: y = x))) AS votes
     FROM edges e JOIN ranked r ON r.layer = e.layer AND r.image_id = e.query_id
+    JOIN class_names c ON c.label = e.label
     GROUP BY e.layer, e.query_id
 )
 
-SELECT r.layer, r.rank, r.image_id, i.uri, r.label_name, coalesce(c.label_name, r.pred::VARCHAR) AS pred_name,
+SELECT r.layer, r.rank, r.image_id, i.uri, i.label_name, coalesce(c.label_name, r.pred::VARCHAR) AS pred_name,
     r.prob, r.agreement, n.neighbor_labels[list_position(n.votes, list_max(n.votes))] AS knn_label, r.suspicion,
     n.neighbor_labels, n.neighbor_ids
 FROM ranked r

@@ -78,6 +78,33 @@ def test_musgrave_figures_equal_pytorch_metric_learning(run, syn):
             assert cls["map_at_r"] == pytest.approx(res["mean_average_precision_at_r"][c], abs=1e-6)
 
 
+def test_musgrave_figures_with_a_shallow_deep_search_equal_numpy(tmp_path, syn):
+    """knn_deep shallower than R (deep_k=5 here, classes of 6+): R is capped at the depth, as
+    the file says; numpy computes the same figures from the exact neighbour order."""
+    run = str(tmp_path / "run")
+    write_run(run, syn)
+    write_deep_knn(RunDir(run), RunDir(run).read_meta(), 20000, 5, 0)
+    rows = by(measure(run, "knn_agreement"), "layer", "scope")
+    sizes = np.bincount(syn.labels)
+    for layer in INDEX_LAYERS:
+        order, _ = syn.knn(layer, 5)
+        hit = syn.labels[order] == syn.labels[:, None]
+        r = np.minimum(sizes[syn.labels] - 1, 5)
+        keep = r > 0
+        p1, rp, mapr = [], [], []
+        for row, rr in zip(hit[keep], r[keep]):
+            h = row[:rr]
+            p1.append(float(h[0]))
+            rp.append(h.sum() / rr)
+            mapr.append((np.cumsum(h) / np.arange(1, rr + 1))[h].sum() / rr)
+        got = rows[(layer["name"], "all")]
+        assert got["deep_n"] == keep.sum()
+        assert got["precision_at_1"] == pytest.approx(np.mean(p1), abs=1e-12)
+        assert got["r_precision"] == pytest.approx(np.mean(rp), abs=1e-12)
+        assert got["map_at_r"] == pytest.approx(np.mean(mapr), abs=1e-12)
+        assert np.any(r[keep] < sizes[syn.labels][keep] - 1)  # the cap is exercised
+
+
 def _numpy_agreement(syn, layer, k):
     order, _ = syn.knn(layer, k)
     nb = syn.labels[order]
