@@ -76,6 +76,10 @@ class Config:
         src = self.data.rstrip("/")
         if src.startswith("builtin:"):
             return src.split(":", 1)[1].split("?")[0]
+        if "://" in src:  # a URI: its path, without the query (s3://bucket/imagenet/train?region=...)
+            from urllib.parse import unquote, urlparse
+
+            src = unquote(urlparse(src).path).rstrip("/") or urlparse(src).netloc
         return os.path.splitext(os.path.basename(src))[0] or "data"
 
     @property

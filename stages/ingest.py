@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pyarrow.fs import FileType
 
 from pipeline.config import UserError
-from pipeline.locations import local_path
+from pipeline.storage import Source, check_exists, open_source
 from pipeline.rundir import RunDir, shard_name, write_table_atomic
 
 from . import builtin_data
@@ -53,49 +53,50 @@ class Plan:
 def plan(src: str, shard_size: int) -> Plan:
     if src.startswith("builtin:"):
         return _plan_builtin(src, shard_size)
-    src = local_path(src, "data")
-    if not os.path.exists(src):
-        raise UserError(f"data not found: {src}")
-    path = os.path.abspath(src)
-    if os.path.isfile(path):
-        if path.endswith(".parquet"):
-            return _plan_parquet([path], os.path.dirname(path), shard_size)
+    source = open_source(src)
+    info = check_exists(source)
+    if info.type == FileType.File:
+        if source.root.endswith(".parquet"):
+            return _plan_parquet(source, [(source.root, info.size)], source.root.rsplit("/", 1)[0], shard_size)
         raise UserError(f"data must be an ImageFolder directory, a Parquet file/folder or builtin:NAME, not {src}")
-    parquet = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(".parquet"))
-    classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
-    if parquet and not any(_has_images(os.path.join(path, c)) for c in classes):
-        return _plan_parquet(parquet, path, shard_size)
-    return _plan_imagefolder(path, classes, shard_size)
-
-
-def _has_images(folder: str) -> bool:
-    for _, _, files in os.walk(folder):
-        if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
-            return True
-    return False
+    files, classes = [], set()
+    for entry in source.listing():  # one recursive listing: names and sizes, no pixels
+        parts = source.rel(entry.path).split("/")
+        if entry.type == FileType.Directory:
+            if len(parts) == 1 and not parts[0].startswith("."):
+                classes.add(parts[0])
+        elif entry.type == FileType.File:
+            files.append((parts, entry))
+            if len(parts) > 1 and not parts[0].startswith("."):
+                classes.add(parts[0])  # object stores list no folders of their own
+    classes = sorted(classes)
+    parquet = sorted((e.path, e.size) for _, e in files if e.path.endswith(".parquet"))
+    with_images = {p[0] for p, _ in files if len(p) > 1 and p[-1].lower().endswith(IMAGE_EXTENSIONS)}
+    if parquet and not with_images & set(classes):
+        return _plan_parquet(source, parquet, source.root, shard_size)
+    return _plan_imagefolder(source, classes, files, shard_size)
 
 
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def _plan_imagefolder(root: str, classes: list[str], shard_size: int) -> Plan:
+def _plan_imagefolder(source: Source, classes: list[str], files: list, shard_size: int) -> Plan:
+    label_of = {c: i for i, c in enumerate(classes)}
     items = []
-    for label, cls in enumerate(classes):
-        for folder, dirs, files in os.walk(os.path.join(root, cls)):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            for f in files:
-                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
-                    full = os.path.join(folder, f)
-                    items.append((os.path.relpath(full, root).replace(os.sep, "/"), label, os.path.getsize(full)))
+    for parts, entry in files:
+        # class folder / any non-hidden sub-folders / a non-hidden image file
+        if len(parts) > 1 and parts[0] in label_of and not any(p.startswith(".") for p in parts[1:]) \
+                and parts[-1].lower().endswith(IMAGE_EXTENSIONS):
+            items.append(("/".join(parts), label_of[parts[0]], entry.size))
     if not items:
-        raise UserError(f"no images found in {root} (expected one sub-folder per class holding "
+        raise UserError(f"no images found in {source.display} (expected one sub-folder per class holding "
                         f"{'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} files)")
     items.sort()
     digest = hashlib.sha256(json.dumps([classes, items]).encode()).hexdigest()[:16]
-    shards = [{"kind": "imagefolder", "root": root, "classes": classes,
+    shards = [{"kind": "imagefolder", "src": source.location, "classes": classes,
                "items": [(key, label) for key, label, _ in chunk]} for chunk in _chunks(items, shard_size)]
-    return Plan("imagefolder", root, classes, shards, digest, len(items))
+    return Plan("imagefolder", source.display, classes, shards, digest, len(items))
 
 
 _IMAGE_COLUMNS = ("image", "img", "image_bytes", "bytes", "png", "jpg")
@@ -127,14 +128,17 @@ def _hf_class_names(schema: pa.Schema, label_col: str) -> list[str] | None:
         return None
 
 
-def _plan_parquet(files: list[str], root: str, shard_size: int) -> Plan:
+def _plan_parquet(source: Source, files: list[tuple[str, int]], root: str, shard_size: int) -> Plan:
+    """`files`: (path inside source.fs, size); keys and uris are relative to `root`."""
     shards, sizes, class_names, string_labels, int_labels = [], [], None, set(), set()
     columns = None
-    for file in files:
+    for file, size in files:
+        rel = file[len(root.rstrip("/")) + 1:]
         try:
-            pf = pq.ParquetFile(file)
+            pf = pq.ParquetFile(source.fs.open_input_file(file))
         except (pa.ArrowInvalid, OSError) as exc:
-            raise UserError(f"{file}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+            raise UserError(f"{source.uri(source.rel(file)) if file != source.root else source.display}: "
+                            f"not a readable Parquet file ({str(exc).splitlines()[0]})") from None
         schema = pf.schema_arrow
         image_col, label_col = _parquet_columns(schema, file)
         columns = columns or (image_col, label_col)
@@ -145,14 +149,14 @@ def _plan_parquet(files: list[str], root: str, shard_size: int) -> Plan:
         else:
             string_labels.update(str(v) for v in labels.drop_null().to_pylist())
         n = pf.metadata.num_rows
-        sizes.append((os.path.relpath(file, root), n, os.path.getsize(file)))
-        rel = os.path.relpath(file, root).replace(os.sep, "/")
-        base = os.path.basename(file).lower()
+        sizes.append((rel, n, size))
+        base = rel.rsplit("/", 1)[-1].lower()
         split = next((s for s in ("train", "validation", "test", "val") if base.startswith(s)), None)
+        file_uri = source.display if file == source.root else source.uri(source.rel(file))
         for start in range(0, n, shard_size):
-            shards.append({"kind": "parquet", "file": file, "rel": rel, "start": start,
-                           "stop": min(start + shard_size, n), "image_col": image_col, "label_col": label_col,
-                           "split": split})
+            shards.append({"kind": "parquet", "src": source.location, "file": file, "file_uri": file_uri, "rel": rel,
+                           "start": start, "stop": min(start + shard_size, n), "image_col": image_col,
+                           "label_col": label_col, "split": split})
     if string_labels:
         classes = sorted(string_labels | {str(v) for v in int_labels})
     elif class_names:
@@ -163,9 +167,9 @@ def _plan_parquet(files: list[str], root: str, shard_size: int) -> Plan:
         s["classes"] = classes
         s["string_labels"] = bool(string_labels)
     if not shards:
-        raise UserError(f"no rows in the Parquet data at {root}")
+        raise UserError(f"no rows in the Parquet data at {source.display}")
     digest = hashlib.sha256(json.dumps([classes, sizes]).encode()).hexdigest()[:16]
-    return Plan("parquet", root, classes, shards, digest, sum(n for _, n, _ in sizes))
+    return Plan("parquet", source.display, classes, shards, digest, sum(n for _, n, _ in sizes))
 
 
 def _plan_builtin(src: str, shard_size: int) -> Plan:
@@ -190,18 +194,16 @@ def _records(shard: dict):
     if kind == "builtin":
         yield from builtin_data.builtin_records(shard["name"], shard["opts"], shard["start"], shard["stop"])
     elif kind == "imagefolder":
-        root, classes = shard["root"], shard["classes"]
+        source, classes = open_source(shard["src"]), shard["classes"]
         for key, label in shard["items"]:
-            path = os.path.join(root, key)
-            rec = {"key": key, "uri": path, "label_name": classes[label], "split": None}
+            rec = {"key": key, "uri": source.uri(key), "label_name": classes[label], "split": None}
             try:
-                with open(path, "rb") as fh:
-                    rec["bytes"] = fh.read()
+                rec["bytes"] = source.read_bytes(key)
             except OSError as exc:
-                rec["error"] = BadImage("unreadable_file", str(exc))
+                rec["error"] = BadImage("unreadable_file", str(exc).splitlines()[0] if str(exc) else repr(exc))
             yield rec
     else:
-        pf = pq.ParquetFile(shard["file"])
+        pf = pq.ParquetFile(open_source(shard["src"]).fs.open_input_file(shard["file"]))
         image_col, label_col = shard["image_col"], shard["label_col"]
         cols = [image_col, label_col] + (["split"] if "split" in pf.schema_arrow.names else [])
         # read only the row groups that hold [start, stop)
@@ -224,7 +226,7 @@ def _records(shard: dict):
                 label_name = str(label)
             else:
                 label_name = classes[int(label)] if 0 <= int(label) < len(classes) else None
-            rec = {"key": f"{shard['rel']}#{row_no}", "uri": f"{shard['file']}#{row_no}",
+            rec = {"key": f"{shard['rel']}#{row_no}", "uri": f"{shard['file_uri']}#{row_no}",
                    "label_name": label_name, "split": row.get("split") or shard["split"], "bytes": data}
             if label_name is None:
                 rec["error"] = BadImage("bad_label", f"label {label!r} is missing or outside the class list")

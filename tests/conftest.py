@@ -8,6 +8,11 @@ import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# tests/test_paths.py reads SRC from a local moto S3 server; the S3 client (in the Ray workers too,
+# started below with this environment) needs some credentials and no EC2 metadata lookups
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "featscope-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "featscope-test")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,6 @@
-"""SRC and RUN as file:// URIs give the same run as plain paths; other schemes stop with one line."""
+"""SRC and RUN as file:// URIs give the same run as plain paths; SRC on S3 (a local moto server)
+gives the same images and embeddings as the same folder on disk; what cannot be read stops with
+one line."""
 from __future__ import annotations
 
 import os
@@ -46,7 +48,66 @@ def test_file_uris_for_data_and_run(ray_session, folder, tmp_path):
     assert main(["status", uri_out.as_uri(), "--format", "json"]) == 0
 
 
-@pytest.mark.parametrize("flag, value", [("--data", "s3://bucket/imagenet/train"), ("--out", "gs://bucket/runs/x"),
+@pytest.fixture(scope="module")
+def s3(folder, hf_file):
+    """A moto S3 server on loopback holding the folder under `two classes/` and a Parquet file;
+    yields the URI query that points pyarrow's S3 client at it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    port = server._server.server_address[1]
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
+    client.create_bucket(Bucket="featscope-test")
+    for path in sorted(folder.rglob("*.png")):
+        client.upload_file(str(path), "featscope-test", "two classes/" + path.relative_to(folder).as_posix())
+    client.upload_file(str(hf_file), "featscope-test", "hf/train-00000.parquet")
+    yield f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def hf_file(tmp_path_factory):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path_factory.mktemp("hf") / "train-00000.parquet"
+    blobs = [encode(rgb(i * 37), "PNG") for i in range(9)]
+    pq.write_table(pa.table({"image": pa.array(blobs, pa.binary()), "label": [["ant", "bee", "cow"][i % 3] for i in range(9)]}),
+                   str(path), row_group_size=4)
+    return path
+
+
+def test_data_on_s3_equals_the_same_data_on_disk(ray_session, folder, hf_file, s3, tmp_path):
+    plain = _run(str(folder), str(tmp_path / "plain"))
+    run = _run(f"s3://featscope-test/two%20classes?{s3}", str(tmp_path / "from s3"))
+    assert len(_table(run)) == 24 and _table(run) == _table(plain)  # same keys -> same ids, same pixels
+    uris = [u for (u,) in connect(run).execute("SELECT uri FROM images ORDER BY uri").fetchall()]
+    assert uris[0] == "s3://featscope-test/two%20classes/cat/0.png"  # the query (endpoint) is not kept
+    # a Parquet file on S3: ingest reads its row groups by ranged reads
+    cfg = build_config(None, {"data": f"s3://featscope-test/hf/train-00000.parquet?{s3}", "out": str(tmp_path / "hf"),
+                              "stages": ["ingest"]}, ["train_epochs=0", "perturb=[]", "shard_size=4"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_pipeline(cfg, quiet=True)
+    rows = connect(str(tmp_path / "hf")).execute("SELECT label_name, count(*), min(uri) FROM images GROUP BY 1 ORDER BY 1").fetchall()
+    assert rows == [("ant", 3, "s3://featscope-test/hf/train-00000.parquet#0"),
+                    ("bee", 3, "s3://featscope-test/hf/train-00000.parquet#1"),
+                    ("cow", 3, "s3://featscope-test/hf/train-00000.parquet#2")]
+
+
+def test_data_on_s3_that_is_missing_stops_with_one_line(s3, tmp_path, capsys):
+    for data, words in ((f"s3://featscope-test/no-such-folder?{s3}", "data not found: s3://featscope-test/no-such-folder"),
+                        (f"s3://featscope-test/x?{s3}&secret_key=abc", "environment"),
+                        ("foo://bucket/x", "no pyarrow or fsspec filesystem for foo://")):
+        assert main(["run", "--data", data, "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0] and "abc" not in err[0], err
+        assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--out", "s3://bucket/runs/x"), ("--out", "gs://bucket/runs/x"),
                                          ("--data", "file://otherhost/data")])
 def test_other_schemes_stop_with_one_line(tmp_path, capsys, flag, value):
     args = ["run", "--data", "builtin:digits", "--out", str(tmp_path / "r"), flag, value]
