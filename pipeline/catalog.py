@@ -17,7 +17,7 @@ import re
 import duckdb
 
 from .config import UserError
-from .rundir import RunDir, layer_dir
+from .rundir import RunDir, join, layer_dir
 
 _EMPTY = {
     "images": "SELECT NULL::BIGINT AS image_id, NULL::VARCHAR AS uri, NULL::INTEGER AS label, "
@@ -48,13 +48,16 @@ def view_name(layer: str) -> str:
 
 
 def _glob(run: RunDir, *parts: str) -> str | None:
-    return _lit(os.path.join(run.p(*parts), "*.parquet")) if run.parquet_files(*parts) else None
+    return _lit(join(run.p(*parts), "*.parquet")) if run.parquet_files(*parts) else None
 
 
 def catalog_sql(run: RunDir) -> str:
     meta = run.read_meta()
     layers = meta.get("layers", [])
-    out = [f"-- featscope catalog for {run.path}", "-- open with: duckdb -init " + run.p("catalog.sql"), ""]
+    out = [f"-- featscope catalog for {run.root}", "-- open with: duckdb -init " + run.p("catalog.sql"), ""]
+    if not run.local:  # the plain DuckDB CLI reads object storage through its httpfs extension
+        out[2:2] = ["-- (a run on object storage: in the DuckDB CLI first `INSTALL httpfs; LOAD httpfs;` and a",
+                    "-- `CREATE SECRET` for the bucket; featscope's own commands need neither)"]
 
     def view(name: str, body: str | None) -> None:
         out.append(f"CREATE OR REPLACE VIEW {name} AS {body if body else _EMPTY[name] + ' WHERE false'};")
@@ -125,9 +128,13 @@ def connect(run_path: str, locked: bool = True) -> duckdb.DuckDBPyConnection:
     if not run.exists():
         raise UserError(f"not a featscope run (no run.json): {run_path}")
     con = duckdb.connect(":memory:")
+    if not run.local:  # DuckDB reads the run's URIs through pyarrow's client, wrapped as fsspec
+        from .storage import fsspec_for_duckdb
+
+        con.register_filesystem(fsspec_for_duckdb(run.source))
     con.execute(catalog_sql(run))
     if locked:
-        con.execute(f"SET allowed_directories=[{_lit(run.path + os.sep)}]")
+        con.execute(f"SET allowed_directories=[{_lit(run.root + (os.sep if run.local else '/'))}]")
         con.execute("SET enable_external_access=false")
         con.execute("SET lock_configuration=true")
     return con

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import json
 import math
 import os
@@ -213,20 +212,23 @@ def cmd_train(a) -> int:
 
 
 def cmd_status(a) -> int:
-    from .rundir import RunDir
+    from .rundir import RunDir, join, listdir, read_json
 
     run = RunDir(a.run)
     if not run.exists():
         raise UserError(f"not a featscope run (no run.json): {a.run}")
     meta = run.read_meta()
     rows = []
+
+    def markers(folder: str) -> list[str]:
+        return [join(folder, n) for n in listdir(folder) if n.startswith("part-") and n.endswith(".json")]
+
     for stage in STAGES:
         # shard markers: stats/<stage>/part-*.json, or per layer stats/<stage>/<layer>/part-*.json (knn)
-        stats = []
-        for path in sorted(glob.glob(run.p("stats", stage, "part-*.json")) +
-                           glob.glob(run.p("stats", stage, "*", "part-*.json"))):
-            with open(path) as fh:
-                stats.append(json.load(fh))
+        folder = run.p("stats", stage)
+        paths = markers(folder) + [p for n in listdir(folder) if not n.endswith(".json") and not n.startswith(".")
+                                   for p in markers(join(folder, n))]
+        stats = [s for s in map(read_json, paths) if s is not None]
         info = meta.get("stages", {}).get(stage, {})
         status = info.get("status", "partial" if stats else "not run")
         # redone: shards computed by the last invocation (the rest were kept from an earlier one)

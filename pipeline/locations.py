@@ -1,10 +1,8 @@
-"""RUN locations (and local SRC): a local path or a `file://` URI, the same on every node.
+"""Local locations: a plain path or a `file://` URI naming a path on this machine.
 
-SRC may also be any pyarrow / fsspec URI (pipeline/storage.py): only ingest reads it. RUN is
-written by every stage on every node and read by DuckDB by path, so it must live on storage all
-nodes see under the same name: a shared filesystem, or object storage mounted at the same path
-on every node (s3fs / mountpoint-s3, gcsfuse, blobfuse2, rclone mount). Other schemes for RUN
-(s3://, gs://, ...) are refused with one clear line rather than half supported.
+SRC and RUN may also be any pyarrow / fsspec URI (pipeline/storage.py opens those). A local
+path must name the same storage on every node of a cluster: a shared filesystem, or object
+storage mounted at the same path everywhere (s3fs / mountpoint-s3, gcsfuse, blobfuse2, rclone).
 """
 from __future__ import annotations
 
@@ -12,18 +10,14 @@ from urllib.parse import unquote, urlparse
 
 from .config import UserError
 
-MOUNT_HINT = ("mount it at the same path on every node (s3fs or mountpoint-s3, gcsfuse, blobfuse2, rclone mount, "
-              "NFS) and give that path")
-
 
 def local_path(location: str, what: str) -> str:
-    """`file:///abs/path` -> `/abs/path`; a plain path is returned as it is; other schemes: UserError."""
+    """`file:///abs/path` -> `/abs/path`; a plain path is returned as it is."""
     if "://" not in location:
         return location
     url = urlparse(location)
     if url.scheme.lower() != "file":
-        raise UserError(f"{what} {location}: {url.scheme}:// is not written directly (only data is read from such "
-                        f"URIs); {MOUNT_HINT}")
+        raise ValueError(f"not a local location: {location}")  # storage.open_location routes the others
     if url.netloc not in ("", "localhost"):
         raise UserError(f"{what} {location}: a file:// URI names a path on this machine (file:///abs/path), "
                         f"not one on host '{url.netloc}'")

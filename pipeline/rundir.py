@@ -1,20 +1,24 @@
 """The run directory: paths, atomic writes, per-shard completion markers and run.json.
 
-A shard's files are written to a temporary name and renamed into place, and its stats file
-(`stats/<stage>/part-NNNNN.json`) is written last: a shard whose stats file exists is
+A shard's files are written to a temporary name and renamed into place (on object storage:
+written locally, then uploaded as one object, which appears only when complete), and its stats
+file (`stats/<stage>/part-NNNNN.json`) is written last: a shard whose stats file exists is
 complete, which is what resume relies on. Nothing half-written is ever visible under a
 final name.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 
@@ -28,27 +32,41 @@ def layer_dir(layer: str) -> str:
 
 
 class RunDir:
-    def __init__(self, path: str):
-        from .locations import local_path
+    """A run: a local directory, or a folder on any pyarrow / fsspec filesystem (pipeline/storage.py).
 
-        self.path = os.path.abspath(local_path(path, "run directory"))
+    `p(...)` names a file of the run: a local path, or for a remote run a URI without the query
+    (`s3://bucket/runs/a/images/part-00000.parquet`); the functions below read and write either.
+    `path` is what another process reopens the run by (the location as given for a remote run).
+    """
+
+    def __init__(self, path: str):
+        from . import storage
+
+        self.source = storage.open_location(path, "run directory")
+        if not self.source.local:  # reachable? one line now rather than a traceback from a stage
+            try:
+                self.source.fs.get_file_info(self.source.root)
+            except OSError as exc:
+                from .config import UserError
+
+                raise UserError(f"run directory {self.source.display}: {str(exc).splitlines()[0]}") from None
+        storage.register(self.source)
+        self.local = self.source.local
+        self.path = self.source.root if self.local else self.source.location
+        self.root = self.source.root if self.local else self.source.display
 
     def __str__(self) -> str:
-        return self.path
+        return self.root
 
     def p(self, *parts: str) -> str:
-        return os.path.join(self.path, *parts)
+        return os.path.join(self.root, *parts) if self.local else "/".join((self.root,) + parts)
 
     # ---- run.json --------------------------------------------------------------------
     def exists(self) -> bool:
-        return os.path.exists(self.p("run.json"))
+        return exists(self.p("run.json"))
 
     def read_meta(self) -> dict[str, Any]:
-        try:
-            with open(self.p("run.json")) as fh:
-                return json.load(fh)
-        except FileNotFoundError:
-            return {}
+        return read_json(self.p("run.json")) or {}
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         write_json_atomic(self.p("run.json"), meta)
@@ -63,37 +81,144 @@ class RunDir:
         return self.p("stats", stage, shard_name(index) + ".json")
 
     def shard_done(self, stage: str, index: int) -> bool:
-        return os.path.exists(self.stats_path(stage, index))
+        return exists(self.stats_path(stage, index))
 
     def write_stats(self, stage: str, index: int, stats: dict[str, Any]) -> None:
         write_json_atomic(self.stats_path(stage, index), stats)
 
     def read_stats(self, stage: str) -> list[dict[str, Any]]:
         folder = self.p("stats", stage)
-        if not os.path.isdir(folder):
-            return []
-        out = []
-        for name in sorted(os.listdir(folder)):
-            if name.endswith(".json"):
-                with open(os.path.join(folder, name)) as fh:
-                    out.append(json.load(fh))
-        return out
+        out = [read_json(join(folder, name)) for name in listdir(folder) if name.endswith(".json")]
+        return [s for s in out if s is not None]
+
+    def create(self) -> None:
+        makedirs(self.root)
 
     def wipe(self) -> None:
         """--overwrite: remove everything featscope wrote; refuse to delete a foreign folder."""
-        if not os.path.exists(self.path):
+        if not exists(self.root):
             return
-        if os.listdir(self.path) and not self.exists():
+        if listdir(self.root) and not self.exists():
             from .config import UserError
 
-            raise UserError(f"--overwrite refuses to delete {self.path}: it holds no run.json (not a featscope run)")
-        shutil.rmtree(self.path)
+            raise UserError(f"--overwrite refuses to delete {self.root}: it holds no run.json (not a featscope run)")
+        if self.local:
+            shutil.rmtree(self.root)
+        else:
+            fs, inside = _remote(self.root)
+            fs.delete_dir(inside)
 
     def parquet_files(self, *parts: str) -> list[str]:
         folder = self.p(*parts)
-        if not os.path.isdir(folder):
-            return []
-        return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".parquet"))
+        return [join(folder, f) for f in listdir(folder) if f.endswith(".parquet")]
+
+
+# ---- file operations on local paths and on the URIs of a remote run -----------------------------
+def _remote(path: str):
+    from . import storage
+
+    return storage.resolve(path)
+
+
+def join(folder: str, name: str) -> str:
+    return f"{folder}/{name}" if "://" in folder else os.path.join(folder, name)
+
+
+def exists(path: str) -> bool:
+    remote = _remote(path)
+    if remote is None:
+        return os.path.exists(path)
+    fs, inside = remote
+    return fs.get_file_info(inside).type != pafs.FileType.NotFound
+
+
+def listdir(folder: str) -> list[str]:
+    """Sorted names in a folder; [] when it does not exist."""
+    remote = _remote(folder)
+    if remote is None:
+        return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    fs, inside = remote
+    infos = fs.get_file_info(pafs.FileSelector(inside, allow_not_found=True))
+    return sorted(i.base_name for i in infos)
+
+
+def getsize(path: str) -> int:
+    remote = _remote(path)
+    if remote is None:
+        return os.path.getsize(path)
+    fs, inside = remote
+    return fs.get_file_info(inside).size
+
+
+def file_stamp(path: str) -> tuple[int, int]:
+    """(size, modification time in ns): what tells a rewritten file from the one an index was built on."""
+    remote = _remote(path)
+    if remote is None:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    info = remote[0].get_file_info(remote[1])
+    return info.size, info.mtime_ns or 0
+
+
+def remove(path: str) -> None:
+    remote = _remote(path)
+    if remote is None:
+        os.remove(path)
+    else:
+        remote[0].delete_file(remote[1])
+
+
+def makedirs(path: str) -> None:
+    if _remote(path) is None:  # object stores have no folders to make
+        os.makedirs(path, exist_ok=True)
+
+
+def read_bytes(path: str) -> bytes:
+    remote = _remote(path)
+    if remote is None:
+        with open(path, "rb") as fh:
+            return fh.read()
+    with remote[0].open_input_stream(remote[1]) as fh:
+        return fh.read()
+
+
+def read_table(path, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file, a folder of them, or a list of files."""
+    first = path[0] if isinstance(path, list) else path
+    remote = _remote(first) if first else None
+    if remote is None:
+        return pq.read_table(path, columns=columns) if not isinstance(path, list) else \
+            pq.ParquetDataset(path).read(columns=columns)
+    fs = remote[0]
+    inside = [_remote(p)[1] for p in path] if isinstance(path, list) else remote[1]
+    return pq.read_table(inside, columns=columns, filesystem=fs)
+
+
+def parquet_dataset(files: list[str]):
+    """pyarrow.dataset over some of the run's Parquet files (for filtered reads)."""
+    import pyarrow.dataset as ds
+
+    remote = _remote(files[0]) if files else None
+    if remote is None:
+        return ds.dataset(files, format="parquet")
+    return ds.dataset([_remote(f)[1] for f in files], format="parquet", filesystem=remote[0])
+
+
+@contextlib.contextmanager
+def local_file(path: str):
+    """A local path holding the file (a download for a remote run): for faiss and torch readers."""
+    remote = _remote(path)
+    if remote is None:
+        yield path
+        return
+    fs, inside = remote
+    fd, tmp = tempfile.mkstemp(prefix="featscope-", suffix="-" + os.path.basename(inside))
+    try:
+        with os.fdopen(fd, "wb") as out, fs.open_input_stream(inside) as src:
+            shutil.copyfileobj(src, out, 1 << 22)
+        yield tmp
+    finally:
+        os.remove(tmp)
 
 
 TMP_SUFFIX = ".tmp"
@@ -106,8 +231,12 @@ def _tmp_name(path: str) -> str:
 
 
 def remove_stale_temporaries(root: str) -> int:
-    """Temporary files left by a killed writer (its shard has no stats file, so it is redone)."""
+    """Temporary files left by a killed writer (its shard has no stats file, so it is redone).
+    A remote run has none: its files are uploaded whole from local temporaries, and an upload
+    a killed writer leaves unfinished never becomes an object."""
     removed = 0
+    if _remote(root) is not None:
+        return removed
     for folder, _, files in os.walk(root):
         for f in files:
             if f.startswith(".") and f.endswith(TMP_SUFFIX):
@@ -116,54 +245,72 @@ def remove_stale_temporaries(root: str) -> int:
     return removed
 
 
+def _upload(tmp: str, path: str) -> None:
+    """A finished local file -> its place in a remote run (one object PUT / multipart upload:
+    the object appears whole when the upload completes)."""
+    fs, inside = _remote(path)
+    with open(tmp, "rb") as src, fs.open_output_stream(inside) as out:
+        shutil.copyfileobj(src, out, 1 << 22)
+
+
 def write_file_atomic(path: str, write) -> None:
-    """`write(tmp_path)` writes the file (torch.save, faiss.write_index, ...); then it is renamed into place."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = _tmp_name(os.path.abspath(path))
+    """`write(tmp_path)` writes the file (torch.save, faiss.write_index, ...); then it is renamed
+    into place (uploaded, for a remote run)."""
+    remote = _remote(path) is not None
+    if remote:
+        fd, tmp = tempfile.mkstemp(prefix=".featscope-", suffix=TMP_SUFFIX)
+        os.close(fd)
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = _tmp_name(os.path.abspath(path))
     try:
         write(tmp)
-    except BaseException:
+        if remote:
+            _upload(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
-    os.replace(tmp, path)
 
 
 def read_json(path: str) -> Any:
     """A marker or stats file, or None when it is missing or unreadable (then the work is redone)."""
     try:
-        with open(path) as fh:
-            return json.load(fh)
+        return json.loads(read_bytes(path))
     except (OSError, ValueError):
         return None
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = _tmp_name(path)
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+
+    write_file_atomic(path, write)
 
 
 def write_table_atomic(path: str, table: pa.Table) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = _tmp_name(path)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    write_file_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
 class AtomicParquetWriter:
-    """Stream row groups into a temporary file; `close()` renames it into place.
+    """Stream row groups into a temporary file; `close()` renames it into place (uploads it).
 
     Used where a shard's output is too large to hold at once (full conv maps of big models).
     If the writer is abandoned (exception), `abort()` removes the temporary file.
     """
 
     def __init__(self, path: str, schema: pa.Schema):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         self.path, self.schema = path, schema
-        self.tmp = _tmp_name(path)
+        if _remote(path) is not None:
+            fd, self.tmp = tempfile.mkstemp(prefix=".featscope-", suffix=TMP_SUFFIX)
+            os.close(fd)
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self.tmp = _tmp_name(path)
         self.writer = pq.ParquetWriter(self.tmp, schema)
 
     def write(self, table: pa.Table) -> None:
@@ -171,7 +318,13 @@ class AtomicParquetWriter:
 
     def close(self) -> None:
         self.writer.close()
-        os.replace(self.tmp, self.path)
+        if _remote(self.path) is not None:
+            try:
+                _upload(self.tmp, self.path)
+            finally:
+                os.remove(self.tmp)
+        else:
+            os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
         try:

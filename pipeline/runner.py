@@ -13,7 +13,7 @@ import warnings
 from . import catalog
 from .config import STAGES, Config, UserError
 from .progress import progress, say
-from .rundir import RunDir, remove_stale_temporaries
+from .rundir import RunDir, exists, remove_stale_temporaries
 
 # config keys whose change makes existing ingest/extract output wrong for this run
 _FINGERPRINT_KEYS = ("data", "model", "weights", "layers", "image_size", "resize", "mean", "std", "shard_size",
@@ -166,8 +166,8 @@ def run_pipeline(cfg: Config, quiet: bool = False) -> dict:
                  "cam": prep.cam_available})
     meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     meta.setdefault("stages", {})
-    os.makedirs(run.path, exist_ok=True)
-    remove_stale_temporaries(run.path)
+    run.create()
+    remove_stale_temporaries(run.root)
     run.write_meta(meta)
     connect_ray()
     run.write_meta({**run.read_meta(), "ray": ray_info()})
@@ -183,7 +183,7 @@ def run_pipeline(cfg: Config, quiet: bool = False) -> dict:
             if not prep.needs_training:
                 continue
             weights = run.p("model", f"{cfg.model}.pt")
-            if os.path.exists(weights) and run.read_meta().get("stages", {}).get("train", {}).get("status") == "done":
+            if exists(weights) and run.read_meta().get("stages", {}).get("train", {}).get("status") == "done":
                 continue
             _require(run, stage, "ingest")
             res = train.run(run, cfg, prep.classes, progress)
@@ -220,7 +220,7 @@ def _model_spec(prep: Prepared) -> dict:
     weights = cfg.weights
     if prep.needs_training:
         weights = prep.run.p("model", f"{cfg.model}.pt")
-        if not os.path.exists(weights):
+        if not exists(weights):
             raise UserError(f"stage 'extract' needs the trained checkpoint {weights}: run the 'train' stage first")
     return {"model": cfg.model, "weights": weights, "num_classes": cfg.num_classes or len(prep.classes),
             "layers": [layer.to_dict() for layer in prep.layers], "device": cfg.device, "cfg": cfg.to_dict(),

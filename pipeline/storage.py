@@ -1,4 +1,4 @@
-"""SRC on any filesystem: a local path, a `file://` URI, or any pyarrow / fsspec filesystem URI.
+"""SRC and RUN on any filesystem: a local path, a `file://` URI, or any pyarrow / fsspec URI.
 
 pyarrow's own filesystems come first (`s3://`, `gs://`, `hdfs://`, `abfs://`, ...: C++ clients
 with ranged reads, picklable to Ray workers); any other scheme goes through fsspec
@@ -9,7 +9,10 @@ credentials come from the environment as each client reads it (AWS_ACCESS_KEY_ID
 from the URI: the data location is written into run.json.
 
 Only ingest reads SRC: it copies each image's bytes into the run's `images/` shards, so the
-later stages read the run, never the source.
+later stages read the run, never the source. RUN on such a URI is opened once per process
+(`RunDir`), which registers its root here: from then on the run's paths are plain URIs without
+the query (`s3://bucket/runs/a/images/part-00000.parquet`, what DuckDB reads too) and
+`resolve(path)` gives the filesystem and the path inside it (pipeline/rundir.py does the I/O).
 """
 from __future__ import annotations
 
@@ -65,39 +68,87 @@ def is_uri(location: str) -> bool:
 @functools.lru_cache(maxsize=16)
 def open_source(location: str) -> Source:
     """Open SRC (cached per process: every Ray task of a shard reopens it by its string)."""
+    return open_location(location, "data")
+
+
+def open_location(location: str, what: str) -> Source:
+    """A local path / file:// URI, or a pyarrow or fsspec URI; `what` names it in errors."""
     if not is_uri(location) or location.lower().startswith("file://"):
-        path = os.path.abspath(local_path(location, "data"))
+        path = os.path.abspath(local_path(location, what))
         return Source(location, pafs.LocalFileSystem(), path, path)
     url = urlparse(location)
     secrets = [k for k, _ in parse_qsl(url.query) if k.lower() in _SECRET_PARAMS]
     if secrets:
-        raise UserError(f"data {location.split('?')[0]}: '{secrets[0]}' in the URI would be written into run.json; "
+        raise UserError(f"{what} {location.split('?')[0]}: '{secrets[0]}' in the URI would be written into run.json; "
                         f"give credentials through the environment (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
     display = url._replace(query="", fragment="").geturl()
     try:
         fs, root = pafs.FileSystem.from_uri(location)
     except ValueError as exc:  # pyarrow.lib.ArrowInvalid
         if "Unrecognized filesystem type" not in str(exc):
-            raise UserError(f"data {display}: {str(exc).splitlines()[0]}") from None
-        fs, root = _fsspec(location, display)
+            raise UserError(f"{what} {display}: {str(exc).splitlines()[0]}") from None
+        fs, root = _fsspec(location, display, what)
     except OSError as exc:  # e.g. a bucket's region cannot be resolved
-        raise UserError(f"data {display}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{what} {display}: {str(exc).splitlines()[0]}") from None
     return Source(location, fs, root.rstrip("/"), display.rstrip("/"))
 
 
-def _fsspec(location: str, display: str) -> tuple[pafs.FileSystem, str]:
+def _fsspec(location: str, display: str, what: str) -> tuple[pafs.FileSystem, str]:
     try:
         import fsspec
         import fsspec.core
     except ImportError:
-        raise UserError(f"data {display}: pyarrow has no filesystem for {urlparse(location).scheme}:// "
+        raise UserError(f"{what} {display}: pyarrow has no filesystem for {urlparse(location).scheme}:// "
                         f"and fsspec is not installed") from None
     try:
         fs, root = fsspec.core.url_to_fs(location)
     except (ImportError, ValueError) as exc:  # unknown protocol, or its package missing
-        raise UserError(f"data {display}: no pyarrow or fsspec filesystem for {urlparse(location).scheme}:// "
+        raise UserError(f"{what} {display}: no pyarrow or fsspec filesystem for {urlparse(location).scheme}:// "
                         f"({str(exc).splitlines()[0]})") from None
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), root
+
+
+# ---- RUN roots registered in this process ---------------------------------------------------
+_ROOTS: dict[str, Source] = {}  # display root (URI without query) -> the opened location
+
+
+def register(source: Source) -> None:
+    if not source.local:
+        _ROOTS[source.display] = source
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str] | None:
+    """(filesystem, path inside it) for a path under a registered remote root; None for local paths."""
+    if "://" not in path:
+        return None
+    for display, source in _ROOTS.items():
+        if path == display or path.startswith(display + "/"):
+            return source.fs, source.root + path[len(display):]
+    raise RuntimeError(f"{path}: no run opened in this process holds this URI")  # a bug, not user input
+
+
+def fsspec_for_duckdb(source: Source):
+    """The run's filesystem as fsspec, for DuckDB's `register_filesystem`: DuckDB then reads the
+    run's URIs itself, with no `httpfs` extension (which would need a network install)."""
+    from fsspec.implementations.arrow import ArrowFSWrapper
+
+    scheme = source.display.split("://", 1)[0]
+
+    class RunFS(ArrowFSWrapper):
+        protocol = scheme
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            path = path[0] if isinstance(path, list) else path
+            prefix = f"{scheme}://"
+            path = path[len(prefix):] if path.startswith(prefix) else path
+            return _inside(source, prefix + path).rstrip("/")
+
+    return RunFS(source.fs)
+
+
+def _inside(source: Source, uri: str) -> str:
+    return source.root + uri[len(source.display):] if uri.startswith(source.display) else uri.split("://", 1)[-1]
 
 
 def check_exists(src: Source) -> pafs.FileInfo:

@@ -17,12 +17,11 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 import queries
 from pipeline import catalog
 from pipeline.config import Config, UserError
-from pipeline.rundir import AtomicParquetWriter, layer_dir, read_json, RunDir, write_json_atomic, write_table_atomic
+from pipeline.rundir import AtomicParquetWriter, layer_dir, read_json, read_table, RunDir, write_json_atomic, write_table_atomic
 
 KNN_SCHEMA = pa.schema([("layer", pa.string()), ("query_id", pa.int64()), ("rank", pa.int32()),
                         ("neighbor_id", pa.int64()), ("distance", pa.float32())])
@@ -34,7 +33,7 @@ SUMMARY_COLUMNS = ["layer", "agreement", "knn_accuracy", "map_at_r", "knn_auc", 
 def _shards(run: RunDir, features: str):
     """(image_id int64 [n], vectors float32 [n, d]) of the `orig` view, one features shard at a time."""
     for f in run.parquet_files("features", layer_dir(features)):
-        t = pq.read_table(f, columns=["image_id", "view", "vec"])
+        t = read_table(f, columns=["image_id", "view", "vec"])
         t = t.filter(pc.equal(t.column("view"), "orig"))
         if t.num_rows:
             col = t.column("vec").combine_chunks()
@@ -104,7 +103,7 @@ def deep_search(run: RunDir, features: str, metric: str, query_ids: np.ndarray, 
 
 def write_deep_knn(run: RunDir, meta: dict, max_queries: int, max_depth: int, seed: int) -> dict:
     """knn_deep/ for every index layer; returns what was searched (sample, depth)."""
-    images = pq.read_table(run.p("images"), columns=["image_id", "label"])
+    images = read_table(run.p("images"), columns=["image_id", "label"])
     label_of = dict(zip(images.column("image_id").to_numpy(), images.column("label").to_numpy()))
     info = {"deep_images": 0, "deep_queries": 0, "deep_k": 0, "deep_sample": "none"}
     for layer in meta.get("index_layers", []):
@@ -163,7 +162,7 @@ def summary_rows(run_path: str) -> tuple[list[str], list[tuple]]:
     run = RunDir(run_path)
     path = run.p("results", "layer_comparison.parquet")
     try:
-        t = pq.read_table(path, columns=SUMMARY_COLUMNS)
+        t = read_table(path, columns=SUMMARY_COLUMNS)
     except FileNotFoundError:
         return SUMMARY_COLUMNS, []
     return SUMMARY_COLUMNS, list(zip(*[t.column(c).to_pylist() for c in SUMMARY_COLUMNS]))
@@ -176,7 +175,7 @@ CONTINUITY_COLUMNS = ["layer", "view", "lipschitz_mean", "twin_rank_mean", "cont
 def continuity_rows(run_path: str) -> tuple[list[str], list[tuple]]:
     """The continuity headline of each layer x view (scope 'all') for the run summary."""
     try:
-        t = pq.read_table(RunDir(run_path).p("results", "continuity.parquet"))
+        t = read_table(RunDir(run_path).p("results", "continuity.parquet"))
     except FileNotFoundError:
         return CONTINUITY_COLUMNS, []
     rows = [r for r in t.to_pylist() if r["scope"] == "all"]

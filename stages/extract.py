@@ -19,9 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline.rundir import AtomicParquetWriter, RunDir, layer_dir, shard_name, write_table_atomic
+from pipeline.rundir import AtomicParquetWriter, RunDir, layer_dir, read_table, shard_name, write_table_atomic
 
 from .ingest import ERRORS_SCHEMA
 
@@ -143,7 +142,7 @@ class ShardExtractor:
     def extract_shard(self, index: int) -> dict:
         start = time.perf_counter()
         name = self._shard = shard_name(index)
-        table = pq.read_table(self.run.p("images", name + ".parquet"), columns=["image_id", "uri", "bytes"])
+        table = read_table(self.run.p("images", name + ".parquet"), columns=["image_id", "uri", "bytes"])
         rows = list(zip(table.column("image_id").to_pylist(), table.column("uri").to_pylist(),
                         table.column("bytes").to_pylist()))
         del table

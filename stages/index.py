@@ -19,13 +19,12 @@ exists and matches the current request and features is complete and is not rebui
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import numpy as np
 
 from pipeline.config import UserError
-from pipeline.rundir import layer_dir, read_json, RunDir, write_file_atomic, write_json_atomic
+from pipeline.rundir import exists, getsize, layer_dir, read_json, RunDir, write_file_atomic, write_json_atomic
 
 from .vectors import DISTANCE_NOTE, base_signature, exact_search, load_base
 
@@ -158,7 +157,7 @@ def run(run_dir: RunDir, cfg, progress) -> dict:
         path = run_dir.p("index", layer_dir(name))
         sig = base_signature(run_dir, entry["features"], metric)
         old = read_json(path + ".json")
-        if old and old.get("base") == sig and old.get("request") == request and os.path.exists(path + ".faiss"):
+        if old and old.get("base") == sig and old.get("request") == request and exists(path + ".faiss"):
             rows, recalls = rows + old["n"], recalls + [old["recall_at_k"]]
             continue
         t0 = time.perf_counter()
@@ -171,7 +170,7 @@ def run(run_dir: RunDir, cfg, progress) -> dict:
         write_file_atomic(path + ".faiss", lambda tmp: faiss.write_index(index, tmp))
         info.update({"layer": name, "features": entry["features"], "metric": metric, "distance": DISTANCE_NOTE[metric],
                      "factory": factory, "n": len(ids), "dim": int(base.shape[1]), "base": sig, "request": request,
-                     "bytes": os.path.getsize(path + ".faiss"), "seconds": round(time.perf_counter() - t0, 3)})
+                     "bytes": getsize(path + ".faiss"), "seconds": round(time.perf_counter() - t0, 3)})
         write_json_atomic(path + ".json", info)  # last: its presence marks the index complete
         if info["recall_at_k"] < cfg.index_recall:
             from pipeline.progress import say

@@ -21,7 +21,7 @@ from pyarrow.fs import FileType
 
 from pipeline.config import UserError
 from pipeline.storage import Source, check_exists, open_source
-from pipeline.rundir import RunDir, shard_name, write_table_atomic
+from pipeline.rundir import RunDir, read_table, shard_name, write_table_atomic
 
 from . import builtin_data
 from .images import IMAGE_EXTENSIONS, BadImage, validate
@@ -285,6 +285,6 @@ def _check_unique_ids(run: RunDir) -> None:
     files = run.parquet_files("images")
     if not files:
         return
-    ids = pa.concat_arrays([pq.read_table(f, columns=["image_id"]).column(0).combine_chunks() for f in files])
+    ids = pa.concat_arrays([read_table(f, columns=["image_id"]).column(0).combine_chunks() for f in files])
     if len(ids) != len(pc.unique(ids)):
         raise RuntimeError("image_id collision in images/: two inputs share a key hash")

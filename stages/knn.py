@@ -18,7 +18,6 @@ index signatures, and a shard whose record no longer matches is redone.
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 
@@ -26,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import UserError
-from pipeline.rundir import layer_dir, read_json, RunDir, shard_name, write_json_atomic, write_table_atomic
+from pipeline.rundir import layer_dir, local_file, read_json, remove, RunDir, shard_name, write_json_atomic, write_table_atomic
 
 from .vectors import base_signature, exact_candidates, finish, load_base, score_buffer
 
@@ -54,7 +53,8 @@ class KnnWorker:
             import faiss
 
             faiss.omp_set_num_threads(threads)
-            self.index = faiss.read_index(index_path)
+            with local_file(index_path) as path:  # a download when the run is on object storage
+                self.index = faiss.read_index(path)
             self.order = np.argsort(ids, kind="stable")  # image id -> base position
             self.sorted_ids = ids[self.order]
 
@@ -138,8 +138,7 @@ def knn_layer(run_dir: RunDir, cfg, entry: dict, progress) -> dict:
     def current(record: dict, i: int) -> bool:
         if not run_dir.shard_done(stage, i):
             return False
-        with open(run_dir.stats_path(stage, i)) as fh:
-            old = json.load(fh)
+        old = read_json(run_dir.stats_path(stage, i)) or {}
         return all(old.get(key) == val for key, val in record.items())
 
     # resume without reading the vectors when the layer's summary and every shard still match
@@ -155,7 +154,7 @@ def knn_layer(run_dir: RunDir, cfg, entry: dict, progress) -> dict:
     todo = [s for s in shards if not current(record, s[0])]
     # shards of an earlier, larger base would otherwise stay visible in the knn view
     for f in run_dir.parquet_files("knn", layer_dir(name))[len(shards):]:
-        os.remove(f)
+        remove(f)
     t0 = time.perf_counter()
     if todo and k > 0:
         n_actors, resources, threads, device = _workers(cfg, record["method"], len(todo))
@@ -175,7 +174,7 @@ def knn_layer(run_dir: RunDir, cfg, entry: dict, progress) -> dict:
         finally:
             for a in actors:
                 ray.kill(a)
-    stats = [json.load(open(run_dir.stats_path(stage, i))) for i, _, _ in shards] if k > 0 else []
+    stats = [read_json(run_dir.stats_path(stage, i)) for i, _, _ in shards] if k > 0 else []
     out = {**record, "shards": len(shards), "redone": len(todo), "rows": sum(s["rows"] for s in stats),
            "queries": n, "seconds": round(sum(s["seconds"] for s in stats), 3),
            "wall_seconds": round(time.perf_counter() - t0, 3)}

@@ -65,10 +65,14 @@ def check_model_name(name: str) -> None:
 
 
 def load_weights_file(path: str) -> dict:
-    if not os.path.isfile(path):
+    """A local file, or the run's own checkpoint (a URI when the run is on object storage)."""
+    from pipeline.rundir import exists, local_file
+
+    if not exists(path):
         raise UserError(f"weights file not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with local_file(path) as local:
+            obj = torch.load(local, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, non-tensor payloads refused by weights_only
         raise UserError(f"cannot load weights {path} with weights_only=True: {str(exc).splitlines()[0]}") from None
     return obj if isinstance(obj, dict) else {}

@@ -11,16 +11,13 @@ shared convention (stages/vectors.py) in the metric of the index json.
 """
 from __future__ import annotations
 
-import json
-import os
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from pipeline.config import UserError
-from pipeline.rundir import RunDir, layer_dir
+from pipeline.rundir import RunDir, exists, layer_dir, local_file, parquet_dataset, read_json
 
 from .vectors import exact_distances, feature_files, prepare
 
@@ -42,7 +39,7 @@ def _layer_entry(run: RunDir, meta: dict, layer: str | None) -> dict:
 
 
 def _vectors(run: RunDir, features: str, image_ids: list[int]) -> dict[int, np.ndarray]:
-    d = ds.dataset(feature_files(run, features), format="parquet")
+    d = parquet_dataset(feature_files(run, features))
     t = d.to_table(columns=["image_id", "vec"], filter=(pc.field("view") == "orig")
                    & pc.field("image_id").isin(_ids(image_ids)))
     col = t.column("vec").combine_chunks()
@@ -72,7 +69,7 @@ def embed_file(run: RunDir, meta: dict, features: str, path: str) -> np.ndarray:
     except Exception as exc:  # noqa: BLE001 - any decoder failure is the file's fault
         raise UserError(f"query image {path} is unusable: {type(exc).__name__}: {exc}") from None
     weights = cfg.get("weights") or run.p("model", f"{cfg['model']}.pt")
-    if not os.path.exists(weights):  # e.g. a randomly initialised model: its weights cannot be rebuilt
+    if not exists(weights):  # e.g. a randomly initialised model: its weights cannot be rebuilt
         raise UserError(f"cannot embed a query file: the run's model checkpoint {weights} is missing")
     import warnings
 
@@ -112,10 +109,9 @@ def neighbors(run_path: str, image_id: int | None = None, image_file: str | None
     meta = run.read_meta()
     entry = _layer_entry(run, meta, layer)
     base = run.p("index", layer_dir(entry["name"]))
-    if not os.path.exists(base + ".json"):
+    info = read_json(base + ".json")
+    if info is None:
         raise UserError(f"layer '{entry['name']}' has no index in {run.path}: run the index stage first")
-    with open(base + ".json") as fh:
-        info = json.load(fh)
     metric = info["metric"]
     if image_id is not None:
         found = _vectors(run, entry["features"], [int(image_id)])
@@ -125,7 +121,8 @@ def neighbors(run_path: str, image_id: int | None = None, image_file: str | None
     else:
         q = embed_file(run, meta, entry["features"], image_file)
     q = prepare(q, metric)
-    index = faiss.read_index(base + ".faiss")
+    with local_file(base + ".faiss") as path:
+        index = faiss.read_index(path)
     if info.get("search_params"):
         faiss.ParameterSpace().set_index_parameters(
             index, ",".join(f"{key}={val}" for key, val in info["search_params"].items()))
@@ -146,7 +143,7 @@ def _images(run: RunDir, ids: list[int]) -> dict[int, dict]:
     files = run.parquet_files("images")
     if not files:
         return {}
-    t = ds.dataset(files, format="parquet").to_table(columns=["image_id", "uri", "label", "label_name"],
-                                                     filter=pc.field("image_id").isin(_ids(ids)))
+    t = parquet_dataset(files).to_table(columns=["image_id", "uri", "label", "label_name"],
+                                        filter=pc.field("image_id").isin(_ids(ids)))
     return {r["image_id"]: {"uri": r["uri"], "label": r["label"], "label_name": r["label_name"]}
             for r in t.to_pylist()}

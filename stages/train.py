@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.rundir import RunDir, write_json_atomic
+from pipeline.rundir import RunDir, read_table, write_json_atomic
 
 from .images import decode_rgb
 from .models import Preprocess
@@ -105,11 +105,10 @@ def train_records(name: str, records: list[dict], class_names: list[str], cfg, o
 
 def run(run_dir: RunDir, cfg, class_names: list[str], progress=None) -> dict:
     """The pipeline stage: train on the run's images, cache RUN/model/<model>.pt."""
-    import pyarrow.parquet as pq
 
     records = []
     for f in run_dir.parquet_files("images"):
-        records += pq.read_table(f, columns=["image_id", "label", "split", "bytes"]).to_pylist()
+        records += read_table(f, columns=["image_id", "label", "split", "bytes"]).to_pylist()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     path = run_dir.p("model", f"{cfg.model}.pt")
     metrics = train_records(cfg.model, records, class_names, cfg, path, progress)

@@ -17,9 +17,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from pipeline.rundir import layer_dir, read_json, RunDir, write_json_atomic, write_table_atomic
+from pipeline.rundir import layer_dir, read_json, read_table, RunDir, write_json_atomic, write_table_atomic
 
 from .vectors import B_CHUNK, Q_BLOCK, exact_distances, feature_files, load_base, prepare
 
@@ -30,7 +29,7 @@ SCHEMA = pa.schema([("layer", pa.string()), ("image_id", pa.int64()), ("view", p
 def _views(run: RunDir, features: str, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ids, views, vecs = [], [], []
     for f in feature_files(run, features):
-        t = pq.read_table(f, columns=["image_id", "view", "vec"])
+        t = read_table(f, columns=["image_id", "view", "vec"])
         t = t.filter(pc.not_equal(t.column("view"), "orig"))
         if t.num_rows:
             col = t.column("vec").combine_chunks()
@@ -43,7 +42,7 @@ def _views(run: RunDir, features: str, metric: str) -> tuple[np.ndarray, np.ndar
 
 
 def _labels(run: RunDir) -> dict[int, int]:
-    t = pq.read_table(run.p("images"), columns=["image_id", "label"])
+    t = read_table(run.p("images"), columns=["image_id", "label"])
     return dict(zip(t.column("image_id").to_pylist(), t.column("label").to_pylist()))
 
 

@@ -18,10 +18,9 @@ import hashlib
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.config import UserError
-from pipeline.rundir import RunDir, layer_dir
+from pipeline.rundir import RunDir, layer_dir, read_table
 
 DISTANCE_NOTE = {"l2": "Euclidean distance (sqrt of squared L2) = DuckDB array_distance",
                  "cosine": "1 - cosine similarity = DuckDB array_cosine_distance"}
@@ -39,7 +38,7 @@ def load_base(run: RunDir, features: str, metric: str) -> tuple[np.ndarray, np.n
     """(image_id int64 [N], vectors float32 [N, d]) of the `orig` views, in shard order."""
     ids, vecs = [], []
     for f in feature_files(run, features):
-        t = pq.read_table(f, columns=["image_id", "view", "vec"])
+        t = read_table(f, columns=["image_id", "view", "vec"])
         t = t.filter(pc.equal(t.column("view"), "orig"))
         if t.num_rows == 0:
             continue
@@ -66,12 +65,12 @@ def base_signature(run: RunDir, features: str, metric: str) -> str:
 
     Resume compares it, so an index or kNN shard is redone when the features were rewritten.
     """
-    import os
+    from pipeline.rundir import file_stamp
 
     h = hashlib.sha256(f"{features}|{metric}".encode())
     for f in feature_files(run, features):
-        st = os.stat(f)
-        h.update(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns};".encode())
+        size, mtime_ns = file_stamp(f)
+        h.update(f"{f.rsplit('/', 1)[-1]}:{size}:{mtime_ns};".encode())
     return h.hexdigest()[:16]
 
 
