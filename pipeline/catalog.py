@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+from urllib.parse import unquote
 
 import duckdb
 
@@ -134,7 +135,9 @@ def connect(run_path: str, locked: bool = True) -> duckdb.DuckDBPyConnection:
         con.register_filesystem(fsspec_for_duckdb(run.source))
     con.execute(catalog_sql(run))
     if locked:
-        con.execute(f"SET allowed_directories=[{_lit(run.root + (os.sep if run.local else '/'))}]")
+        roots = [run.root + os.sep] if run.local else \
+            list(dict.fromkeys([run.root + "/", unquote(run.root) + "/"]))  # DuckDB asks for s3://b/my run/...
+        con.execute(f"SET allowed_directories=[{', '.join(_lit(r) for r in roots)}]")
         con.execute("SET enable_external_access=false")
         con.execute("SET lock_configuration=true")
     return con

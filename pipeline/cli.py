@@ -157,7 +157,9 @@ def cmd_run(a) -> int:
     print("query it:")
     print(f"  featscope sql {run} \"SELECT label_name, count(*) AS n, avg(prob) AS confidence "
           f"FROM images JOIN predictions USING (image_id) GROUP BY 1 ORDER BY 1\"")
-    print(f"  duckdb -init {os.path.join(run, 'catalog.sql')}")
+    from .rundir import RunDir
+
+    print(f"  duckdb -init {RunDir(run).p('catalog.sql')}")
     return 0
 
 

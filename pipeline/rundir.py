@@ -43,13 +43,16 @@ class RunDir:
         from . import storage
 
         self.source = storage.open_location(path, "run directory")
-        if not self.source.local:  # reachable? one line now rather than a traceback from a stage
-            try:
-                self.source.fs.get_file_info(self.source.root)
-            except OSError as exc:
-                from .config import UserError
+        if not self.source.local:  # reachable, and its bucket there? one line now, not a traceback later
+            from .config import UserError
 
+            bucket = self.source.root.split("/", 1)[0]
+            try:
+                missing = self.source.fs.get_file_info(bucket).type == pafs.FileType.NotFound if bucket else False
+            except OSError as exc:
                 raise UserError(f"run directory {self.source.display}: {str(exc).splitlines()[0]}") from None
+            if missing:
+                raise UserError(f"run directory {self.source.display}: '{bucket}' does not exist there")
         storage.register(self.source)
         self.local = self.source.local
         self.path = self.source.root if self.local else self.source.location
@@ -66,7 +69,19 @@ class RunDir:
         return exists(self.p("run.json"))
 
     def read_meta(self) -> dict[str, Any]:
-        return read_json(self.p("run.json")) or {}
+        """run.json, {} for a new run; a run.json that cannot be read stops the command (it must
+        not pass for a new run: its fingerprint guards the shards already written)."""
+        path = self.p("run.json")
+        try:
+            return json.loads(read_bytes(path))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            if not exists(path):
+                return {}
+            from .config import UserError
+
+            raise UserError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         write_json_atomic(self.p("run.json"), meta)
@@ -81,7 +96,7 @@ class RunDir:
         return self.p("stats", stage, shard_name(index) + ".json")
 
     def shard_done(self, stage: str, index: int) -> bool:
-        return exists(self.stats_path(stage, index))
+        return read_json(self.stats_path(stage, index)) is not None
 
     def write_stats(self, stage: str, index: int, stats: dict[str, Any]) -> None:
         write_json_atomic(self.stats_path(stage, index), stats)
@@ -106,7 +121,10 @@ class RunDir:
             shutil.rmtree(self.root)
         else:
             fs, inside = _remote(self.root)
-            fs.delete_dir(inside)
+            if "/" in inside.strip("/"):
+                fs.delete_dir(inside)
+            else:  # a run at a bucket's root: empty the bucket, keep it
+                fs.delete_dir_contents(inside)
 
     def parquet_files(self, *parts: str) -> list[str]:
         folder = self.p(*parts)
@@ -235,7 +253,13 @@ def remove_stale_temporaries(root: str) -> int:
     A remote run has none: its files are uploaded whole from local temporaries, and an upload
     a killed writer leaves unfinished never becomes an object."""
     removed = 0
-    if _remote(root) is not None:
+    remote = _remote(root)
+    if remote is not None:
+        fs, inside = remote
+        for info in fs.get_file_info(pafs.FileSelector(inside, recursive=True, allow_not_found=True)):
+            if info.is_file and info.base_name.startswith(".") and info.base_name.endswith(TMP_SUFFIX):
+                fs.delete_file(info.path)
+                removed += 1
         return removed
     for folder, _, files in os.walk(root):
         for f in files:
@@ -246,11 +270,20 @@ def remove_stale_temporaries(root: str) -> int:
 
 
 def _upload(tmp: str, path: str) -> None:
-    """A finished local file -> its place in a remote run (one object PUT / multipart upload:
-    the object appears whole when the upload completes)."""
+    """A finished local file -> its place in a remote run: uploaded under a hidden temporary
+    name (matched by no glob), then moved into place (on object stores a server-side copy: the
+    final object appears whole). An interrupted upload can leave only the temporary, which the
+    next run removes, never a short file under the final name."""
+    from .config import UserError
+
     fs, inside = _remote(path)
-    with open(tmp, "rb") as src, fs.open_output_stream(inside) as out:
-        shutil.copyfileobj(src, out, 1 << 22)
+    staged = _tmp_name(inside)
+    try:
+        with open(tmp, "rb") as src, fs.open_output_stream(staged) as out:
+            shutil.copyfileobj(src, out, 1 << 22)
+        fs.move(staged, inside)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {str(exc).splitlines()[0]}") from None
 
 
 def write_file_atomic(path: str, write) -> None:

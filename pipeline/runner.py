@@ -137,7 +137,7 @@ class Prepared:
 
 def _require(run: RunDir, stage: str, needs: str) -> None:
     if not run.read_stats(needs):
-        raise UserError(f"stage '{stage}' needs the output of '{needs}' in {run.path}: run that stage first")
+        raise UserError(f"stage '{stage}' needs the output of '{needs}' in {run.root}: run that stage first")
 
 
 def run_pipeline(cfg: Config, quiet: bool = False) -> dict:
@@ -151,7 +151,7 @@ def run_pipeline(cfg: Config, quiet: bool = False) -> dict:
     meta = run.read_meta()
     fp = prep.fingerprint()
     if meta and meta.get("fingerprint") != fp:
-        raise UserError(f"{run.path} holds a run made with another config or dataset: "
+        raise UserError(f"{run.root} holds a run made with another config or dataset: "
                         f"use --overwrite to redo it, or --out for a new run")
     if prep.stages and prep.stages[0] != "ingest":
         _require(run, prep.stages[0], "ingest")

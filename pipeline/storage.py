@@ -57,8 +57,26 @@ class Source:
             return fh.read()
 
     def listing(self) -> list[pafs.FileInfo]:
-        """Every file and folder under the root (recursive; one paged LIST on object stores)."""
-        return self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True))
+        """Every file and folder under the root (recursive; one paged LIST on object stores).
+        Locally symlinked folders are not descended (a link to `..` would loop), except the
+        class folders right under the root, as `os.walk` of each class folder did before."""
+        if not self.local:
+            return self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True))
+        out, tops = [], [self.root]
+        for entry in os.scandir(self.root):
+            if entry.is_dir() and entry.is_symlink():
+                out.append(pafs.FileInfo(entry.path, pafs.FileType.Directory))
+                tops.append(entry.path)
+        for top in tops:
+            for folder, dirs, files in os.walk(top):
+                out += [pafs.FileInfo(os.path.join(folder, d), pafs.FileType.Directory) for d in dirs]
+                for f in files:
+                    path = os.path.join(folder, f)
+                    try:
+                        out.append(pafs.FileInfo(path, pafs.FileType.File, size=os.path.getsize(path)))
+                    except OSError:  # a broken link: not an input
+                        pass
+        return out
 
 
 def is_uri(location: str) -> bool:
@@ -74,9 +92,13 @@ def open_source(location: str) -> Source:
 def open_location(location: str, what: str) -> Source:
     """A local path / file:// URI, or a pyarrow or fsspec URI; `what` names it in errors."""
     if not is_uri(location) or location.lower().startswith("file://"):
-        path = os.path.abspath(local_path(location, what))
-        return Source(location, pafs.LocalFileSystem(), path, path)
+        path = os.path.abspath(local_path(location, what))  # absolute: workers have other working dirs
+        return Source(path, pafs.LocalFileSystem(), path, path)
     url = urlparse(location)
+    if url.password or (url.username and url.scheme.lower() in ("s3", "gs", "gcs", "abfs", "abfss")):
+        raise UserError(f"{what} {url.scheme}://{url.hostname or ''}{url.path}: credentials in the URI would be "
+                        f"written into run.json; give them through the environment (e.g. AWS_ACCESS_KEY_ID / "
+                        f"AWS_SECRET_ACCESS_KEY)")
     secrets = [k for k, _ in parse_qsl(url.query) if k.lower() in _SECRET_PARAMS]
     if secrets:
         raise UserError(f"{what} {location.split('?')[0]}: '{secrets[0]}' in the URI would be written into run.json; "
@@ -121,7 +143,7 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str] | None:
     """(filesystem, path inside it) for a path under a registered remote root; None for local paths."""
     if "://" not in path:
         return None
-    for display, source in _ROOTS.items():
+    for display, source in sorted(_ROOTS.items(), key=lambda kv: -len(kv[0])):  # the longest root first
         if path == display or path.startswith(display + "/"):
             return source.fs, source.root + path[len(display):]
     raise RuntimeError(f"{path}: no run opened in this process holds this URI")  # a bug, not user input

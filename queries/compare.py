@@ -10,10 +10,9 @@ from __future__ import annotations
 import math
 import os
 
-import pyarrow.parquet as pq
 
 from pipeline.config import UserError
-from pipeline.rundir import RunDir
+from pipeline.rundir import RunDir, exists, read_table
 
 from . import MEASURES, run_measure
 
@@ -24,9 +23,11 @@ NOT_FIGURES = {"dim"}  # numeric columns that describe the row rather than measu
 
 def run_labels(paths: list[str]) -> list[str]:
     """Short unique names for the runs: the folder name, or more of the path where those repeat."""
-    labels = [os.path.basename(os.path.abspath(p).rstrip(os.sep)) for p in paths]
+    paths = [p.split("?", 1)[0] if "://" in p else p for p in paths]  # a URI's query holds options, not names
+    labels = [p.rstrip("/").rsplit("/", 1)[-1] if "://" in p else os.path.basename(os.path.abspath(p).rstrip(os.sep))
+              for p in paths]
     if len(set(labels)) < len(labels):
-        labels = [os.path.relpath(os.path.abspath(p)) for p in paths]
+        labels = [p if "://" in p else os.path.relpath(os.path.abspath(p)) for p in paths]
     if len(set(labels)) < len(labels):
         labels = [f"{l}#{i + 1}" for i, l in enumerate(labels)]
     return labels
@@ -39,8 +40,8 @@ def _table(path: str, measure: str, given: dict):
     if not run.exists():
         raise UserError(f"not a featscope run (no run.json): {path}")
     stored = run.p("results", measure + ".parquet")
-    if not given and os.path.exists(stored):
-        return pq.read_table(stored).to_pylist()
+    if not given and exists(stored):
+        return read_table(stored).to_pylist()
     return run_measure(connect(path, locked=True), measure, given, run.read_meta()).to_pylist()
 
 

@@ -63,7 +63,7 @@ def deep_search(run: RunDir, features: str, metric: str, query_ids: np.ndarray, 
         qvecs[pos[hit]] = vecs[hit]
         wanted[pos[hit]] = True
     if qvecs is None or not wanted.all():
-        raise UserError(f"knn_deep: some query images have no '{features}' vectors in {run.path}")
+        raise UserError(f"knn_deep: some query images have no '{features}' vectors in {run.root}")
     q = _prepare(qvecs, metric)
     q_sq = (q * q).sum(1)
     q_id = torch.from_numpy(qids.copy())

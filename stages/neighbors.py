@@ -31,7 +31,7 @@ COLUMNS = ["rank", "image_id", "uri", "label", "label_name", "distance"]
 def _layer_entry(run: RunDir, meta: dict, layer: str | None) -> dict:
     entries = {e["name"]: e for e in meta.get("index_layers", [])}
     if not entries:
-        raise UserError(f"{run.path} has no index layers: run the index stage first")
+        raise UserError(f"{run.root} has no index layers: run the index stage first")
     name = layer or ("conv" if "conv" in entries else next(iter(entries)))
     if name not in entries:
         raise UserError(f"unknown layer '{name}' (this run has: {', '.join(entries)})")
@@ -111,7 +111,7 @@ def neighbors(run_path: str, image_id: int | None = None, image_file: str | None
     base = run.p("index", layer_dir(entry["name"]))
     info = read_json(base + ".json")
     if info is None:
-        raise UserError(f"layer '{entry['name']}' has no index in {run.path}: run the index stage first")
+        raise UserError(f"layer '{entry['name']}' has no index in {run.root}: run the index stage first")
     metric = info["metric"]
     if image_id is not None:
         found = _vectors(run, entry["features"], [int(image_id)])

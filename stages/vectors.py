@@ -30,7 +30,7 @@ Q_BLOCK, B_CHUNK = 2048, 16384  # 2048 x 16384 float32 scores = 128 MB; measured
 def feature_files(run: RunDir, features: str) -> list[str]:
     files = run.parquet_files("features", layer_dir(features))
     if not files:
-        raise UserError(f"no features for layer '{features}' in {run.path}: run the extract stage first")
+        raise UserError(f"no features for layer '{features}' in {run.root}: run the extract stage first")
     return files
 
 
@@ -46,7 +46,7 @@ def load_base(run: RunDir, features: str, metric: str) -> tuple[np.ndarray, np.n
         vecs.append(col.flatten().to_numpy(zero_copy_only=False).reshape(t.num_rows, col.type.list_size))
         ids.append(t.column("image_id").to_numpy())
     if not ids:
-        raise UserError(f"layer '{features}' has no vectors with view 'orig' in {run.path}")
+        raise UserError(f"layer '{features}' has no vectors with view 'orig' in {run.root}")
     base = np.ascontiguousarray(np.concatenate(vecs), dtype=np.float32)
     return np.concatenate(ids).astype(np.int64), prepare(base, metric)
 

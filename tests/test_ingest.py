@@ -54,6 +54,16 @@ def test_imagefolder_nested_any_case(ray_session, imagefolder, tmp_path):
     assert rows(con, "SELECT min(width), max(height) FROM images") == [(24, 24)]
 
 
+def test_symlinked_folders_are_not_followed_but_a_linked_class_folder_is(ray_session, imagefolder, tmp_path):
+    os.symlink("..", imagefolder / "cat" / "up")  # a loop: followed, it would list cat/up/cat/up/...
+    elsewhere = tmp_path / "elsewhere"
+    write(str(elsewhere / "e0.png"), encode(rgb(7), "PNG"))
+    os.symlink(elsewhere, imagefolder / "emu")  # a class folder that is a link: read, as os.walk(cls) did
+    con = ingest(imagefolder, tmp_path / "run")
+    assert rows(con, "SELECT label_name, count(*) FROM images GROUP BY 1 ORDER BY 1") == [
+        ("cat", 7), ("dog", 7), ("emu", 1)]
+
+
 def test_image_ids_stable_across_runs_and_locations(ray_session, imagefolder, tmp_path):
     a = ingest(imagefolder, tmp_path / "a")
     moved = tmp_path / "elsewhere" / "copy"

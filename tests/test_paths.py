@@ -106,11 +106,52 @@ def test_data_on_s3_that_is_missing_stops_with_one_line(s3, tmp_path, capsys):
                         (f"s3://featscope-test/x?{s3}&secret_key=abc", "environment"),
                         ("foo://bucket/x", "no pyarrow or fsspec filesystem for foo://"),
                         ("s3://featscope-test/x?endpoint_override=127.0.0.1:1&scheme=http&region=us-east-1",
-                         "data s3://featscope-test/x: ")):  # nothing listens on port 1
+                         "data s3://featscope-test/x: "),  # nothing listens on port 1
+                        (f"s3://AKIAX:abc@featscope-test/x?{s3}", "credentials in the URI")):
         assert main(["run", "--data", data, "--out", str(tmp_path / "r")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0] and "abc" not in err[0], err
         assert not (tmp_path / "r").exists()
+    # a run in a bucket that does not exist
+    assert main(["run", "--data", "builtin:digits", "--out", f"s3://no-such-bucket/r?{s3}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'no-such-bucket' does not exist" in err[0], err
+
+
+def test_remote_run_files_appear_whole_and_a_bad_run_json_stops(s3, tmp_path, capsys, monkeypatch):
+    """An upload that fails midway leaves no file under the final name (only a hidden temporary,
+    which the next run removes); a run.json that cannot be parsed is not taken for a new run;
+    a percent-encoded run root passes DuckDB's allowed_directories."""
+    import shutil
+
+    import pyarrow as pa
+
+    from pipeline import rundir
+    from pipeline.rundir import RunDir, exists, listdir, remove_stale_temporaries, write_table_atomic
+
+    run = RunDir(f"s3://featscope-test/my%20run?{s3}")
+    run.write_meta({"fingerprint": "x"})
+    table = pa.table({"image_id": pa.array(range(1000), pa.int64())})
+    real_copy = shutil.copyfileobj
+
+    def broken(src, dst, length=0):
+        dst.write(src.read(100))
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(rundir.shutil, "copyfileobj", broken)
+    with pytest.raises(Exception, match="connection reset"):
+        write_table_atomic(run.p("images", "part-00000.parquet"), table)
+    monkeypatch.setattr(rundir.shutil, "copyfileobj", real_copy)
+    assert not exists(run.p("images", "part-00000.parquet"))
+    assert [n for n in listdir(run.p("images")) if n.startswith(".")]  # the hidden temporary
+    assert remove_stale_temporaries(run.root) == 1 and listdir(run.p("images")) == []
+    write_table_atomic(run.p("images", "part-00000.parquet"), pa.table({
+        "image_id": [1], "uri": ["u"], "label": [0], "label_name": ["a"], "split": [None], "width": [8], "height": [8]}))
+    assert connect(run.path).execute("SELECT count(*) FROM images").fetchall() == [(1,)]  # locked, decoded root
+    rundir.write_file_atomic(run.p("run.json"), lambda tmp: open(tmp, "w").write("{not json"))
+    assert main(["status", run.path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot read s3://featscope-test/my%20run/run.json" in err[0], err
 
 
 def _default_run(out: str, stages=None) -> dict:
