@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, quote, urlparse
+from urllib.parse import parse_qsl, quote, unquote, urlparse
 
 import pyarrow.fs as pafs
 
@@ -112,6 +112,8 @@ def open_location(location: str, what: str) -> Source:
         fs, root = _fsspec(location, display, what)
     except OSError as exc:  # e.g. a bucket's region cannot be resolved
         raise UserError(f"{what} {display}: {str(exc).splitlines()[0]}") from None
+    if isinstance(fs, pafs.LocalFileSystem):  # e.g. local:///abs/path: a local path after all
+        return Source(root, fs, root, root)
     return Source(location, fs, root.rstrip("/"), display.rstrip("/"))
 
 
@@ -122,8 +124,10 @@ def _fsspec(location: str, display: str, what: str) -> tuple[pafs.FileSystem, st
     except ImportError:
         raise UserError(f"{what} {display}: pyarrow has no filesystem for {urlparse(location).scheme}:// "
                         f"and fsspec is not installed") from None
+    url = urlparse(location)  # URIs are percent-encoded (pyarrow decodes them); fsspec takes raw paths
+    target = f"{url.scheme}://{url.netloc}{unquote(url.path)}" + (f"?{url.query}" if url.query else "")
     try:
-        fs, root = fsspec.core.url_to_fs(location)
+        fs, root = fsspec.core.url_to_fs(target)
     except (ImportError, ValueError) as exc:  # unknown protocol, or its package missing
         raise UserError(f"{what} {display}: no pyarrow or fsspec filesystem for {urlparse(location).scheme}:// "
                         f"({str(exc).splitlines()[0]})") from None

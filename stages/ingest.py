@@ -55,13 +55,20 @@ def plan(src: str, shard_size: int) -> Plan:
         return _plan_builtin(src, shard_size)
     source = open_source(src)
     info = check_exists(source)
-    if info.type == FileType.File:
-        if source.root.endswith(".parquet"):
-            return _plan_parquet(source, [(source.root, info.size)], source.root.rsplit("/", 1)[0], shard_size)
+    if info.type == FileType.File and source.root.endswith(".parquet"):
+        return _plan_parquet(source, [(source.root, info.size)], source.root.rsplit("/", 1)[0], shard_size)
+    # one recursive listing: names and sizes, no pixels (an http "file" may be a folder's index page)
+    try:
+        listing = source.listing() if info.type == FileType.Directory or not source.local else []
+    except OSError as exc:  # not a folder after all, or unreadable
+        if info.type != FileType.File:
+            raise UserError(f"data {source.display}: cannot list it ({str(exc).splitlines()[0]})") from None
+        listing = []
+    if info.type == FileType.File and not listing:
         raise UserError(f"data must be an ImageFolder directory, a Parquet file/folder or builtin:NAME, not {src}")
     files, classes = [], set()
-    for entry in source.listing():  # one recursive listing: names and sizes, no pixels
-        parts = source.rel(entry.path).split("/")
+    for entry in listing:
+        parts = source.rel(entry.path.rstrip("/")).split("/")
         if entry.type == FileType.Directory:
             if len(parts) == 1 and not parts[0].startswith("."):
                 classes.add(parts[0])

@@ -49,6 +49,30 @@ def test_file_uris_for_data_and_run(ray_session, folder, tmp_path):
     assert main(["status", uri_out.as_uri(), "--format", "json"]) == 0
 
 
+def test_data_through_an_fsspec_only_scheme(ray_session, folder, tmp_path):
+    """http:// has no pyarrow filesystem: fsspec's (directory index pages as listings) is wrapped
+    for pyarrow; a plain `python -m http.server` of the folder gives the same run as the folder."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(folder.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        plain = _run(str(folder), str(tmp_path / "plain"))
+        run = _run(f"http://127.0.0.1:{server.server_address[1]}/two%20classes", str(tmp_path / "over http"))
+        assert len(_table(run)) == 24 and _table(run) == _table(plain)
+        uri = connect(run).execute("SELECT min(uri) FROM images").fetchone()[0]
+        assert uri == f"http://127.0.0.1:{server.server_address[1]}/two%20classes/cat/0.png"
+    finally:
+        server.shutdown()
+
+
 @pytest.fixture(scope="module")
 def s3(folder, hf_file):
     """A moto S3 server on loopback holding the folder under `two classes/` and a Parquet file;
