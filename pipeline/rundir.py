@@ -46,7 +46,7 @@ class RunDir:
         if not self.source.local:  # reachable, and its bucket there? one line now, not a traceback later
             from .config import UserError
 
-            bucket = self.source.root.split("/", 1)[0]
+            bucket = self.source.root.split("/", 1)[0] if self.source.display.split("://")[0] in ("s3", "gs", "gcs") else ""
             try:
                 missing = self.source.fs.get_file_info(bucket).type == pafs.FileType.NotFound if bucket else False
             except OSError as exc:
@@ -200,16 +200,12 @@ def read_bytes(path: str) -> bytes:
         return fh.read()
 
 
-def read_table(path, columns: list[str] | None = None) -> pa.Table:
-    """A Parquet file, a folder of them, or a list of files."""
-    first = path[0] if isinstance(path, list) else path
-    remote = _remote(first) if first else None
+def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file, or a folder of them."""
+    remote = _remote(path)
     if remote is None:
-        return pq.read_table(path, columns=columns) if not isinstance(path, list) else \
-            pq.ParquetDataset(path).read(columns=columns)
-    fs = remote[0]
-    inside = [_remote(p)[1] for p in path] if isinstance(path, list) else remote[1]
-    return pq.read_table(inside, columns=columns, filesystem=fs)
+        return pq.read_table(path, columns=columns)
+    return pq.read_table(remote[1], columns=columns, filesystem=remote[0])
 
 
 def parquet_dataset(files: list[str]):
