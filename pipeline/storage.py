@@ -2,8 +2,8 @@
 
 pyarrow's own filesystems come first (`s3://`, `gs://`, `hdfs://`, `abfs://`, ...: C++ clients
 with ranged reads, picklable to Ray workers); any other scheme goes through fsspec
-(`fsspec.core.url_to_fs`, e.g. `az://`, `http(s)://`, `ssh://`, `memory://` when its
-package is installed), wrapped as a pyarrow filesystem. Filesystem options travel in the URI's
+(`fsspec.core.url_to_fs`, e.g. `http(s)://`, `az://`, `ssh://` when its package is
+installed), wrapped as a pyarrow filesystem. Filesystem options travel in the URI's
 query as pyarrow defines them (`s3://bucket/data?region=eu-west-1&endpoint_override=host:9000`);
 credentials come from the environment as each client reads it (AWS_ACCESS_KEY_ID, ...), never
 from the URI: the data location is written into run.json.
@@ -34,7 +34,7 @@ _SECRET_PARAMS = ("access_key", "secret_key", "session_token", "account_key", "s
 class Source:
     """An opened SRC: `fs` and `root` (a path inside fs) read it; `uri(rel)` names a file in it."""
 
-    location: str  # as given (with its query): what the workers reopen
+    location: str  # what the workers reopen: a URI as given (with its query), or an absolute path
     fs: pafs.FileSystem
     root: str
     display: str  # the root as a user reads it: a local path, or the URI without its query
