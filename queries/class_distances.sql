@@ -153,12 +153,13 @@ stats AS (
     FROM ranked
     GROUP BY GROUPING SETS ((blk), (blk, label))
 ),
--- percentiles for the (layer, scope) rows only
+-- percentiles for the (layer, scope) rows only (grouped by `same` rather than two FILTERed
+-- aggregates: the two groups run on two threads)
 quantiles AS (
     SELECT blk,
-        quantile_cont(distance::DOUBLE, [0.05, 0.5, 0.95]) FILTER (WHERE same) AS same_q,
-        quantile_cont(distance::DOUBLE, [0.05, 0.5, 0.95]) FILTER (WHERE NOT same) AS diff_q
-    FROM all_pairs
+        any_value(q) FILTER (WHERE same) AS same_q,
+        any_value(q) FILTER (WHERE NOT same) AS diff_q
+    FROM (SELECT blk, same, quantile_cont(distance::DOUBLE, [0.05, 0.5, 0.95]) AS q FROM all_pairs GROUP BY blk, same)
     GROUP BY blk
 ),
 
