@@ -11,11 +11,15 @@ parameter declarations: `run_measure` resets every declared variable, sets the o
 
 knn_agreement.sql and class_distances.sql keep their figures (with per-class rows) as the
 temporary tables `results_<measure>` and the parameters they were computed with as the variable
-`<measure>_params`; per_class.sql and layer_comparison.sql (READS) are thin SQL over those
-tables, so the 10M-edge work is done once per connection. In the CLI a user `.read`s the files in
-order (their headers say so; they stop with an error when an input is missing or stale); here
-`relation` runs a measure's inputs first unless the connection already holds them for the same
-parameters (as in the analyze stage, which runs every measure on one connection).
+`<measure>_params`; knn_agreement.sql also keeps its per-image counts
+(`results_knn_agreement_images`). The measures that READS names read those tables:
+class_distances.sql its kNN triplets and suspicious.sql its candidates from the per-image
+counts, per_class.sql and layer_comparison.sql are thin SQL over the figures; so the 10M kNN
+edges are joined to labels and grouped per image once per connection. In the CLI a user
+`.read`s the files in order (their headers say so; they stop with an error when an input is
+missing or stale); here `relation` runs a measure's inputs first unless the connection already
+holds them for the same parameters (as in the analyze stage, which runs every measure on one
+connection).
 """
 from __future__ import annotations
 
@@ -31,7 +35,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # the order the analyze stage runs them in
 MEASURES = ("knn_agreement", "class_distances", "per_class", "suspicious", "continuity", "layer_comparison")
 # measure -> the measures whose results_<measure> tables it reads
-READS = {"per_class": ("knn_agreement", "class_distances"),
+READS = {"class_distances": ("knn_agreement",),
+         "suspicious": ("knn_agreement",),
+         "per_class": ("knn_agreement", "class_distances"),
          "layer_comparison": ("knn_agreement", "class_distances")}
 _PARAM = re.compile(r"^SET VARIABLE (\w+) = coalesce\(getvariable\('(\w+)'\), (.*)\)::(\w+);\s*$", re.M)
 
@@ -124,16 +130,22 @@ def _holds(con: duckdb.DuckDBPyConnection, measure: str) -> bool:
 
 
 def _ensure(con: duckdb.DuckDBPyConnection, measure: str, given: dict, meta: dict | None) -> None:
-    """Compute results_<measure> for these parameters unless the connection already holds it."""
+    """Compute results_<measure> for these parameters unless the connection already holds it
+    (and, when it must be computed, first the results it reads)."""
     names = {p.name for p in params(measure)}
-    set_params(con, measure, {k: v for k, v in given.items() if k in names}, meta)
+    mine = {k: v for k, v in given.items() if k in names}
+    set_params(con, measure, mine, meta)
     statements = duckdb.extract_statements(sql_text(measure))
     for s in statements:  # the parameter lines: the defaults resolved, to compare with
         if _PARAM.search(s.query):
             con.execute(s.query)
-    if not _holds(con, measure):
-        for s in statements[:-1]:  # the last statement only reads the table back
-            con.execute(s.query)
+    if _holds(con, measure):
+        return
+    for dep in READS.get(measure, ()):
+        _ensure(con, dep, given, meta)
+    set_params(con, measure, mine, meta)
+    for s in statements[:-1]:  # the last statement only reads the table back
+        con.execute(s.query)
 
 
 def relation(con: duckdb.DuckDBPyConnection, measure: str, given: dict | None = None,

@@ -27,6 +27,13 @@
 -- hash(i, seed, '<role>') modulo the range it picks from, so a seed gives the same sample on every
 -- run and machine of one DuckDB version.
 --
+-- The kNN triplets are counted from knn_agreement.sql's per-image table
+-- (results_knn_agreement_images), so in the DuckDB CLI, after `.read RUN/catalog.sql`:
+--     .read queries/knn_agreement.sql
+--     .read queries/class_distances.sql
+-- with the same layer and k; this file stops with an error that says so otherwise. featscope
+-- (`featscope query`, the analyze stage) runs it first when needed (queries/__init__.py).
+--
 -- The figures are also kept, for this connection, as the temporary table results_class_distances
 -- with a label column: NULL for the rows above, and one row per (layer, scope, class of the
 -- anchor) with the same figures over the pairs and triplets that class anchors (percentiles
@@ -45,6 +52,12 @@ SET VARIABLE k = coalesce(getvariable('k'), (SELECT max(rank) FROM knn))::INTEGE
 SET VARIABLE seed = coalesce(getvariable('seed'), 0)::BIGINT;
 SET VARIABLE pairs = coalesce(getvariable('pairs'), 100000)::BIGINT;
 SET VARIABLE triplets = coalesce(getvariable('triplets'), 100000)::BIGINT;
+
+-- knn_agreement's per-image counts must be there, for this layer and k
+SET VARIABLE class_distances_inputs = CASE
+    WHEN getvariable('knn_agreement_params') IS DISTINCT FROM {'layer': getvariable('layer'), 'k': getvariable('k')}
+    THEN error('class_distances reads the results of knn_agreement.sql: .read queries/knn_agreement.sql first, with the same layer and k')
+    ELSE true END;
 
 -- the figures, kept for per_class.sql and layer_comparison.sql (see the top of this file)
 CREATE OR REPLACE TEMP TABLE results_class_distances AS
@@ -165,16 +178,12 @@ quantiles AS (
 
 -- triplets within each query's neighbour list (a = the query, p and n two of its neighbours):
 -- the knn view's rank orders them, so the j-th same-class neighbour, at rank r, is violated by
--- the r - j different-class neighbours ranked before it
+-- the r - j different-class neighbours ranked before it; summed per query from knn_agreement's
+-- per-image counts (same_n of its n neighbours, their rank sum)
 knn_triplets AS (
-    SELECT layer, 'knn' AS scope, label, sum(rank_sum - n_same * (n_same + 1) / 2) AS violations,
-        sum(n_same * (n - n_same)) AS triplets
-    FROM (
-        SELECT layer, anchor, any_value(label) AS label, count(*) AS n, count(*) FILTER (WHERE same) AS n_same,
-            coalesce(sum(rank) FILTER (WHERE same), 0) AS rank_sum
-        FROM knn_pairs
-        GROUP BY layer, anchor
-    )
+    SELECT layer, 'knn' AS scope, label, sum(same_rank_sum - same_n * (same_n + 1) / 2) AS violations,
+        sum(same_n * (n - same_n)) AS triplets
+    FROM results_knn_agreement_images
     GROUP BY GROUPING SETS ((layer), (layer, label))
 ),
 

@@ -24,9 +24,13 @@
 --   deep_n          the number of queries those three are averaged over (n: every image searched)
 --
 -- The figures are also kept, for this connection, as the temporary table results_knn_agreement
--- (the columns above plus label: NULL for 'all') and the parameters they were computed with as
--- the variable knn_agreement_params: per_class.sql and layer_comparison.sql read them instead
--- of computing them again, so in the CLI `.read` this file before those.
+-- (the columns above plus label: NULL for 'all'), with the per-image figures as
+-- results_knn_agreement_images (layer, image_id, label, pred, n neighbours, same_n and
+-- same_rank_sum: how many carry the image's label and the sum of their ranks, pred_n: how many
+-- carry its predicted label, knn_label: the vote's winner), and the parameters they were
+-- computed with as the variable knn_agreement_params: class_distances.sql, suspicious.sql,
+-- per_class.sql and layer_comparison.sql read them instead of computing them again, so in the
+-- CLI `.read` this file before those.
 --
 -- Parameters (set any before `.read`, e.g. SET VARIABLE layer = 'penultimate';):
 --   layer  one knn layer; NULL (default) = every layer
@@ -34,34 +38,45 @@
 SET VARIABLE layer = coalesce(getvariable('layer'), NULL)::VARCHAR;
 SET VARIABLE k = coalesce(getvariable('k'), (SELECT max(rank) FROM knn))::INTEGER;
 
--- the figures, kept for per_class.sql and layer_comparison.sql (see the top of this file)
-CREATE OR REPLACE TEMP TABLE results_knn_agreement AS
+-- per image: its k neighbours' votes, kept for this file's figures, class_distances.sql (the
+-- kNN triplets) and suspicious.sql, so the 10M edges are joined to labels and grouped once
+CREATE OR REPLACE TEMP TABLE results_knn_agreement_images AS
 WITH
--- labels as integers through the 10M-edge joins and groups; class names join the ~1000 result rows
+-- labels as integers through the 10M-edge joins and groups
 labels AS NOT MATERIALIZED (SELECT image_id, label FROM images),
-class_names AS (SELECT DISTINCT label, label_name FROM images),
-
--- one row per (layer, image, label among its k neighbours): the label's votes and its nearest rank
+-- one row per (layer, image, label among its k neighbours): the label's votes, its nearest rank
+-- and the sum of its ranks
 votes AS (
-    SELECT knn.layer, knn.query_id, nb.label, count(*) AS votes, min(knn.rank) AS nearest
+    SELECT knn.layer, knn.query_id, nb.label, count(*) AS votes, min(knn.rank) AS nearest, sum(knn.rank) AS rank_sum
     FROM knn JOIN labels nb ON nb.image_id = knn.neighbor_id
     WHERE (getvariable('layer') IS NULL OR knn.layer = getvariable('layer'))
       AND knn.rank <= getvariable('k')
     GROUP BY knn.layer, knn.query_id, nb.label
-),
+)
+-- knn_label: the vote's winner, the label with most votes, of tied labels the nearest (votes
+-- times k + 1 minus the nearest rank, 1 .. k, orders the labels by votes, then by nearness)
+SELECT v.layer, v.query_id AS image_id, q.label, p.pred,
+    sum(v.votes) AS n,
+    coalesce(sum(v.votes) FILTER (WHERE v.label = q.label), 0) AS same_n,
+    coalesce(sum(v.rank_sum) FILTER (WHERE v.label = q.label), 0) AS same_rank_sum,
+    coalesce(sum(v.votes) FILTER (WHERE v.label = p.pred), 0) AS pred_n,
+    arg_max(v.label, v.votes * (getvariable('k') + 1) - v.nearest) AS knn_label
+FROM votes v
+JOIN labels q ON q.image_id = v.query_id
+LEFT JOIN predictions p ON p.image_id = v.query_id AND p.view = 'orig'
+GROUP BY v.layer, v.query_id, q.label, p.pred;
+
+-- the figures, kept for per_class.sql and layer_comparison.sql (see the top of this file)
+CREATE OR REPLACE TEMP TABLE results_knn_agreement AS
+WITH
+labels AS NOT MATERIALIZED (SELECT image_id, label FROM images),
+class_names AS (SELECT DISTINCT label, label_name FROM images),
 
 -- agreement and pred_agreement: the share of the votes that go to the image's (predicted) label;
--- knn_correct: the vote's winner is the label with most votes, of tied labels the nearest (votes
--- times k + 1 minus the nearest rank, 1 .. k, orders the labels by votes, then by nearness)
+-- knn_correct: the vote's winner is the image's label
 per_image AS (
-    SELECT v.layer, q.label,
-        coalesce(sum(v.votes) FILTER (WHERE v.label = q.label), 0) / sum(v.votes) AS agreement,
-        coalesce(sum(v.votes) FILTER (WHERE v.label = p.pred), 0) / sum(v.votes) AS pred_agreement,
-        arg_max(v.label, v.votes * (getvariable('k') + 1) - v.nearest) = q.label AS knn_correct
-    FROM votes v
-    JOIN labels q ON q.image_id = v.query_id
-    LEFT JOIN predictions p ON p.image_id = v.query_id AND p.view = 'orig'
-    GROUP BY v.layer, v.query_id, q.label
+    SELECT layer, label, same_n / n AS agreement, pred_n / n AS pred_agreement, knn_label = label AS knn_correct
+    FROM results_knn_agreement_images
 ),
 
 agreement AS (

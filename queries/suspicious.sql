@@ -9,6 +9,11 @@
 --   rank, image_id, uri, label_name, pred_name, prob, agreement, knn_label (the neighbours'
 --   majority vote, ties to the nearer), suspicion, neighbor_labels and neighbor_ids (nearest first)
 --
+-- Reads knn_agreement.sql's per-image figures (results_knn_agreement_images): in the DuckDB CLI,
+-- after `.read RUN/catalog.sql`, `.read queries/knn_agreement.sql` first, with the same layer and
+-- k; this file stops with an error that says so otherwise. featscope (`featscope query`, the
+-- analyze stage) runs it first when needed (queries/__init__.py).
+--
 -- Parameters (set any before `.read`):
 --   layer          one knn layer; NULL (default) = every layer
 --   k              neighbours per image, 1 .. the run's k; default = all the knn view lists
@@ -21,25 +26,21 @@ SET VARIABLE top = coalesce(getvariable('top'), 20)::INTEGER;
 SET VARIABLE min_prob = coalesce(getvariable('min_prob'), 0.5)::DOUBLE;
 SET VARIABLE max_agreement = coalesce(getvariable('max_agreement'), 0.5)::DOUBLE;
 
+-- knn_agreement's per-image figures must be there, for this layer and k
+SET VARIABLE suspicious_inputs = CASE
+    WHEN getvariable('knn_agreement_params') IS DISTINCT FROM {'layer': getvariable('layer'), 'k': getvariable('k')}
+    THEN error('suspicious reads the results of knn_agreement.sql: .read queries/knn_agreement.sql first, with the same layer and k')
+    ELSE true END;
+
 WITH
--- labels as integers through the 10M-edge joins and groups; class names only for the top images
 labels AS NOT MATERIALIZED (SELECT image_id, label FROM images),
 class_names AS (SELECT DISTINCT label, label_name FROM images),
-edges AS (
-    SELECT knn.layer, knn.query_id, knn.rank, knn.neighbor_id, nb.label
-    FROM knn JOIN labels nb ON nb.image_id = knn.neighbor_id
-    WHERE (getvariable('layer') IS NULL OR knn.layer = getvariable('layer'))
-      AND knn.rank <= getvariable('k')
-),
--- the candidates first (a plain count per image), the neighbour lists only for the top ones
+-- the candidates from knn_agreement's per-image figures; the neighbour lists only for the top ones
 candidates AS (
-    SELECT e.layer, e.query_id AS image_id, q.label, p.pred, p.prob,
-        count(*) FILTER (WHERE e.label = q.label) / count(*) AS agreement
-    FROM edges e
-    JOIN labels q ON q.image_id = e.query_id
-    JOIN predictions p ON p.image_id = e.query_id AND p.view = 'orig'
+    SELECT i.layer, i.image_id, i.label, i.pred, p.prob, i.same_n / i.n AS agreement, i.knn_label
+    FROM results_knn_agreement_images i
+    JOIN predictions p ON p.image_id = i.image_id AND p.view = 'orig'
     WHERE p.prob >= getvariable('min_prob')
-    GROUP BY e.layer, e.query_id, q.label, p.pred, p.prob
 ),
 ranked AS (
     SELECT *, prob * (1 - agreement) AS suspicion,
@@ -51,21 +52,21 @@ ranked AS (
 neighbours AS (
     SELECT e.layer, e.query_id AS image_id,
         list(c.label_name ORDER BY e.rank) AS neighbor_labels,
-        list(e.neighbor_id ORDER BY e.rank) AS neighbor_ids,
-        list(e.label ORDER BY e.rank) AS nb_labels,
-        -- the vote count of each position's label: the first position holding the top count is
-        -- the nearest occurrence among the tied winners
-        list_transform(nb_labels, lambda x: len(list_filter(nb_labels, lambda y: y = x))) AS votes
-    FROM edges e JOIN ranked r ON r.layer = e.layer AND r.image_id = e.query_id
-    JOIN class_names c ON c.label = e.label
+        list(e.neighbor_id ORDER BY e.rank) AS neighbor_ids
+    FROM knn e
+    JOIN ranked r ON r.layer = e.layer AND r.image_id = e.query_id
+    JOIN labels nb ON nb.image_id = e.neighbor_id
+    JOIN class_names c ON c.label = nb.label
+    WHERE e.rank <= getvariable('k')
     GROUP BY e.layer, e.query_id
 )
 
 SELECT r.layer, r.rank, r.image_id, i.uri, i.label_name, coalesce(c.label_name, r.pred::VARCHAR) AS pred_name,
-    r.prob, r.agreement, n.neighbor_labels[list_position(n.votes, list_max(n.votes))] AS knn_label, r.suspicion,
+    r.prob, r.agreement, kc.label_name AS knn_label, r.suspicion,
     n.neighbor_labels, n.neighbor_ids
 FROM ranked r
 JOIN neighbours n USING (layer, image_id)
 JOIN images i USING (image_id)
 LEFT JOIN class_names c ON c.label = r.pred
+LEFT JOIN class_names kc ON kc.label = r.knn_label
 ORDER BY r.layer, r.rank;

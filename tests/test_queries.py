@@ -270,6 +270,31 @@ def test_suspicious_lists_the_planted_mislabel_first(run, syn):
         assert [r["suspicion"] for r in mine] == sorted((r["suspicion"] for r in mine), reverse=True)
 
 
+def test_suspicious_equals_numpy_for_every_candidate(run, syn):
+    """Loose thresholds list every candidate: its agreement, vote (ties to the nearer), neighbour
+    lists and place in the ranking equal a numpy computation, with k below the run's k."""
+    k, min_prob, max_agreement = 3, 0.4, 0.7
+    rows = measure(run, "suspicious", k=k, top=len(syn.ids), min_prob=min_prob, max_agreement=max_agreement)
+    for layer in INDEX_LAYERS:
+        order, _ = syn.knn(layer, k)
+        agreement, _, _, _ = _numpy_agreement(syn, layer, k)
+        nb = syn.labels[order]
+        keep = np.flatnonzero((syn.prob >= np.float32(min_prob)) & (agreement <= max_agreement))
+        suspicion = syn.prob[keep].astype(np.float64) * (1 - agreement[keep])
+        ranked = keep[np.lexsort((syn.ids[keep], -suspicion))]
+        mine = [r for r in rows if r["layer"] == layer["name"]]
+        assert len(ranked) > 10 and [r["image_id"] for r in mine] == syn.ids[ranked].tolist()
+        for r, i in zip(mine, ranked):
+            counts = {c: (nb[i] == c).sum() for c in set(nb[i])}
+            tied = [c for c in counts if counts[c] == max(counts.values())]
+            voted = min(tied, key=lambda c: np.argmax(nb[i] == c))
+            assert r["agreement"] == pytest.approx(agreement[i], abs=1e-12)
+            assert r["knn_label"] == syn.names[voted]
+            assert r["neighbor_labels"] == syn.names[nb[i]].tolist()
+            assert r["neighbor_ids"] == syn.ids[order[i]].tolist()
+            assert r["pred_name"] == syn.names[syn.pred[i]] and r["label_name"] == syn.names[syn.labels[i]]
+
+
 # ---- plain DuckDB, parameters, the command line -----------------------------------------------
 @pytest.mark.parametrize("name", MINE)
 def test_sql_files_run_in_plain_duckdb(run, name):
