@@ -38,33 +38,50 @@
 SET VARIABLE layer = coalesce(getvariable('layer'), NULL)::VARCHAR;
 SET VARIABLE k = coalesce(getvariable('k'), (SELECT max(rank) FROM knn))::INTEGER;
 
--- per image: its k neighbours' votes, kept for this file's figures, class_distances.sql (the
--- kNN triplets) and suspicious.sql, so the 10M edges are joined to labels and grouped once
+-- per image: its k neighbours' label counts, kept for this file's figures, class_distances.sql
+-- (the kNN triplets) and suspicious.sql, so the 10M edges are joined to labels and grouped once
 CREATE OR REPLACE TEMP TABLE results_knn_agreement_images AS
 WITH
 -- labels as integers through the 10M-edge joins and groups
 labels AS NOT MATERIALIZED (SELECT image_id, label FROM images),
--- one row per (layer, image, label among its k neighbours): the label's votes, its nearest rank
--- and the sum of its ranks
-votes AS (
-    SELECT knn.layer, knn.query_id, nb.label, count(*) AS votes, min(knn.rank) AS nearest, sum(knn.rank) AS rank_sum
+query_labels AS (
+    SELECT l.image_id, l.label, p.pred
+    FROM labels l LEFT JOIN predictions p ON p.image_id = l.image_id AND p.view = 'orig'
+),
+edges AS MATERIALIZED (
+    SELECT knn.layer, knn.query_id, knn.rank, nb.label
     FROM knn JOIN labels nb ON nb.image_id = knn.neighbor_id
     WHERE (getvariable('layer') IS NULL OR knn.layer = getvariable('layer'))
       AND knn.rank <= getvariable('k')
-    GROUP BY knn.layer, knn.query_id, nb.label
+),
+-- n neighbours; same_n of them carry the image's label, at ranks summing to same_rank_sum;
+-- pred_n carry its predicted label
+counts AS MATERIALIZED (
+    SELECT e.layer, e.query_id AS image_id, any_value(q.label) AS label, any_value(q.pred) AS pred,
+        count(*) AS n,
+        count(*) FILTER (WHERE e.label = q.label) AS same_n,
+        coalesce(sum(e.rank) FILTER (WHERE e.label = q.label), 0) AS same_rank_sum,
+        count(*) FILTER (WHERE e.label = q.pred) AS pred_n
+    FROM edges e JOIN query_labels q ON q.image_id = e.query_id
+    GROUP BY e.layer, e.query_id
+),
+-- the vote: the label with most votes wins, of tied labels the nearest (votes times k + 1 minus
+-- the nearest rank, 1 .. k, orders the labels by votes, then by nearness). An image whose own
+-- label has more than half the votes wins it outright; only the others need every label's votes
+-- (a grouping per (image, label) of their edges alone)
+open_votes AS (
+    SELECT layer, image_id, arg_max(label, votes * (getvariable('k') + 1) - nearest) AS knn_label
+    FROM (
+        SELECT e.layer, e.query_id AS image_id, e.label, count(*) AS votes, min(e.rank) AS nearest
+        FROM edges e
+        SEMI JOIN (SELECT layer, image_id FROM counts WHERE 2 * same_n <= n) o
+            ON o.layer = e.layer AND o.image_id = e.query_id
+        GROUP BY e.layer, e.query_id, e.label
+    )
+    GROUP BY layer, image_id
 )
--- knn_label: the vote's winner, the label with most votes, of tied labels the nearest (votes
--- times k + 1 minus the nearest rank, 1 .. k, orders the labels by votes, then by nearness)
-SELECT v.layer, v.query_id AS image_id, q.label, p.pred,
-    sum(v.votes) AS n,
-    coalesce(sum(v.votes) FILTER (WHERE v.label = q.label), 0) AS same_n,
-    coalesce(sum(v.rank_sum) FILTER (WHERE v.label = q.label), 0) AS same_rank_sum,
-    coalesce(sum(v.votes) FILTER (WHERE v.label = p.pred), 0) AS pred_n,
-    arg_max(v.label, v.votes * (getvariable('k') + 1) - v.nearest) AS knn_label
-FROM votes v
-JOIN labels q ON q.image_id = v.query_id
-LEFT JOIN predictions p ON p.image_id = v.query_id AND p.view = 'orig'
-GROUP BY v.layer, v.query_id, q.label, p.pred;
+SELECT c.*, CASE WHEN 2 * c.same_n > c.n THEN c.label ELSE v.knn_label END AS knn_label
+FROM counts c LEFT JOIN open_votes v USING (layer, image_id);
 
 -- the figures, kept for per_class.sql and layer_comparison.sql (see the top of this file)
 CREATE OR REPLACE TEMP TABLE results_knn_agreement AS

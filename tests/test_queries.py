@@ -225,6 +225,38 @@ def test_global_scope_equals_sklearn_on_the_same_pairs(run, syn):
         assert got["triplet_violation_rate"] == pytest.approx(viol, abs=2 / len(ta))
 
 
+def test_auc_counts_ties_as_half_per_scope_and_per_class(tmp_path):
+    """Vectors on a half-integer grid: many kNN edges and sampled pairs at exactly equal
+    distances, same-class and different-class pairs among them. Every AUC, of the whole scope and
+    of each class of anchors, equals scikit-learn's (which counts a tie as 1/2) on the same pairs."""
+    syn = Synthetic(seed=1)
+    for name in syn.vectors:
+        syn.vectors[name] = (np.round(syn.vectors[name] / 2) + 0.5).astype(np.float32)  # no zero vector
+    run = _make(tmp_path / "ties", syn)
+    params = dict(seed=SEED, pairs=PAIRS, triplets=TRIPLETS)
+    rows = by(measure(run, "class_distances", **params), "layer", "scope")
+    per_class = by(measure(run, "per_class", **params), "layer", "class")
+    pa, pb, _, _, _ = _draws(syn, SEED, PAIRS, TRIPLETS)
+    mixed_ties = 0
+    for layer in INDEX_LAYERS:
+        order, dist = syn.knn(layer)
+        knn = (np.repeat(np.arange(len(order)), order.shape[1]), order.ravel(), dist.ravel().astype(np.float64))
+        full = syn.distances(layer)
+        glob = (pa, pb, full[pa, pb].astype(np.float32).astype(np.float64))  # SQL: float32 distances
+        # global distances are SQL's float32 arithmetic: exact on the grid for l2 only
+        for scope, (a, b, d) in (("knn", knn), ("global", glob))[:2 if layer["metric"] == "l2" else 1]:
+            same = syn.labels[a] == syn.labels[b]
+            mixed_ties += len(np.intersect1d(d[same], d[~same]))
+            assert rows[(layer["name"], scope)]["auc"] == pytest.approx(roc_auc_score(same, -d), abs=1e-12), (layer, scope)
+            for c, cname in enumerate(syn.names):
+                mine = syn.labels[a] == c
+                if same[mine].all() or not same[mine].any():
+                    continue
+                got = per_class[(layer["name"], str(cname))][f"{scope}_auc"]
+                assert got == pytest.approx(roc_auc_score(same[mine], -d[mine]), abs=1e-12), (scope, cname)
+    assert mixed_ties > 20  # equal distances with same- and different-class pairs: ties are exercised
+
+
 def test_seeded_samples_are_deterministic(run):
     a = measure(run, "class_distances", seed=1, pairs=5000, triplets=5000)
     b = measure(run, "class_distances", seed=1, pairs=5000, triplets=5000)
