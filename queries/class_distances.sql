@@ -27,8 +27,9 @@
 -- hash(i, seed, '<role>') modulo the range it picks from, so a seed gives the same sample on every
 -- run and machine of one DuckDB version.
 --
--- The kNN triplets are counted from knn_agreement.sql's per-image table
--- (results_knn_agreement_images), so in the DuckDB CLI, after `.read RUN/catalog.sql`:
+-- The kNN-scope pairs come from knn_agreement.sql's labelled edges (results_knn_agreement_edges)
+-- and the kNN triplets from its per-image table (results_knn_agreement_images), so in the DuckDB
+-- CLI, after `.read RUN/catalog.sql`:
 --     .read queries/knn_agreement.sql
 --     .read queries/class_distances.sql
 -- with the same layer and k; this file stops with an error that says so otherwise. featscope
@@ -53,7 +54,7 @@ SET VARIABLE seed = coalesce(getvariable('seed'), 0)::BIGINT;
 SET VARIABLE pairs = coalesce(getvariable('pairs'), 100000)::BIGINT;
 SET VARIABLE triplets = coalesce(getvariable('triplets'), 100000)::BIGINT;
 
--- knn_agreement's per-image counts must be there, for this layer and k
+-- knn_agreement's edges and per-image counts must be there, for this layer and k
 SET VARIABLE class_distances_inputs = CASE
     WHEN getvariable('knn_agreement_params') IS DISTINCT FROM {'layer': getvariable('layer'), 'k': getvariable('k')}
     THEN error('class_distances reads the results of knn_agreement.sql: .read queries/knn_agreement.sql first, with the same layer and k')
@@ -75,14 +76,10 @@ blocks AS (
     FROM measured_layers, (VALUES ('knn'), ('global')) s(scope)
 ),
 
--- scope knn: every edge
+-- scope knn: every edge, with its labels from knn_agreement.sql (results_knn_agreement_edges)
 knn_pairs AS (
-    SELECT knn.layer, 'knn' AS scope, knn.query_id AS anchor, q.label, knn.rank, knn.distance, q.label = nb.label AS same
-    FROM knn
-    JOIN labels q ON q.image_id = knn.query_id
-    JOIN labels nb ON nb.image_id = knn.neighbor_id
-    WHERE (getvariable('layer') IS NULL OR knn.layer = getvariable('layer'))
-      AND knn.rank <= getvariable('k')
+    SELECT layer, 'knn' AS scope, query_id AS anchor, label, rank, distance, label = neighbor_label AS same
+    FROM results_knn_agreement_edges
 ),
 
 -- the images with features, numbered in (label, image_id) order: a class is one block of numbers

@@ -27,7 +27,9 @@
 -- (the columns above plus label: NULL for 'all'), with the per-image figures as
 -- results_knn_agreement_images (layer, image_id, label, pred, n neighbours, same_n and
 -- same_rank_sum: how many carry the image's label and the sum of their ranks, pred_n: how many
--- carry its predicted label, knn_label: the vote's winner), and the parameters they were
+-- carry its predicted label, knn_label: the vote's winner), the edges with their labels as
+-- results_knn_agreement_edges (layer, query_id, rank, distance, label and pred of the query,
+-- neighbor_label), and the parameters they were
 -- computed with as the variable knn_agreement_params: class_distances.sql, suspicious.sql,
 -- per_class.sql and layer_comparison.sql read them instead of computing them again, so in the
 -- CLI `.read` this file before those.
@@ -38,32 +40,39 @@
 SET VARIABLE layer = coalesce(getvariable('layer'), NULL)::VARCHAR;
 SET VARIABLE k = coalesce(getvariable('k'), (SELECT max(rank) FROM knn))::INTEGER;
 
--- per image: its k neighbours' label counts, kept for this file's figures, class_distances.sql
--- (the kNN triplets) and suspicious.sql, so the 10M edges are joined to labels and grouped once
-CREATE OR REPLACE TEMP TABLE results_knn_agreement_images AS
+-- every edge with both labels (the query's label and prediction, the neighbour's label), kept
+-- for this file's per-image counts and class_distances.sql (its kNN-scope distances), so the
+-- 10M edges are joined to labels once per connection
+CREATE OR REPLACE TEMP TABLE results_knn_agreement_edges AS
 WITH
 -- labels as integers through the 10M-edge joins and groups
 labels AS NOT MATERIALIZED (SELECT image_id, label FROM images),
 query_labels AS (
     SELECT l.image_id, l.label, p.pred
     FROM labels l LEFT JOIN predictions p ON p.image_id = l.image_id AND p.view = 'orig'
-),
-edges AS MATERIALIZED (
-    SELECT knn.layer, knn.query_id, knn.rank, nb.label
-    FROM knn JOIN labels nb ON nb.image_id = knn.neighbor_id
-    WHERE (getvariable('layer') IS NULL OR knn.layer = getvariable('layer'))
-      AND knn.rank <= getvariable('k')
-),
+)
+SELECT knn.layer, knn.query_id, knn.rank, knn.distance, q.label, q.pred, nb.label AS neighbor_label
+FROM knn
+JOIN query_labels q ON q.image_id = knn.query_id
+JOIN labels nb ON nb.image_id = knn.neighbor_id
+WHERE (getvariable('layer') IS NULL OR knn.layer = getvariable('layer'))
+  AND knn.rank <= getvariable('k');
+
+-- per image: its k neighbours' label counts, kept for this file's figures, class_distances.sql
+-- (the kNN triplets) and suspicious.sql
+CREATE OR REPLACE TEMP TABLE results_knn_agreement_images AS
+WITH
+edges AS (SELECT layer, query_id, rank, neighbor_label AS label FROM results_knn_agreement_edges),
 -- n neighbours; same_n of them carry the image's label, at ranks summing to same_rank_sum;
 -- pred_n carry its predicted label
 counts AS MATERIALIZED (
-    SELECT e.layer, e.query_id AS image_id, any_value(q.label) AS label, any_value(q.pred) AS pred,
+    SELECT layer, query_id AS image_id, any_value(label) AS label, any_value(pred) AS pred,
         count(*) AS n,
-        count(*) FILTER (WHERE e.label = q.label) AS same_n,
-        coalesce(sum(e.rank) FILTER (WHERE e.label = q.label), 0) AS same_rank_sum,
-        count(*) FILTER (WHERE e.label = q.pred) AS pred_n
-    FROM edges e JOIN query_labels q ON q.image_id = e.query_id
-    GROUP BY e.layer, e.query_id
+        count(*) FILTER (WHERE neighbor_label = label) AS same_n,
+        coalesce(sum(rank) FILTER (WHERE neighbor_label = label), 0) AS same_rank_sum,
+        count(*) FILTER (WHERE neighbor_label = pred) AS pred_n
+    FROM results_knn_agreement_edges
+    GROUP BY layer, query_id
 ),
 -- the vote: the label with most votes wins, of tied labels the nearest (votes times k + 1 minus
 -- the nearest rank, 1 .. k, orders the labels by votes, then by nearness). An image whose own
