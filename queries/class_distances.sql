@@ -127,11 +127,9 @@ global_pairs AS (
 
 -- every pair measured, with the class of its anchor (the query, or the sampled pair's first image)
 all_pairs AS MATERIALIZED (
-    SELECT b.blk, p.label, p.distance, p.same
-    FROM (SELECT layer, scope, label, distance, same FROM knn_pairs
-          UNION ALL
-          SELECT layer, scope, label, distance, same FROM global_pairs) p
-    JOIN blocks b USING (layer, scope)
+    SELECT b.blk, p.label, p.distance, p.same FROM knn_pairs p JOIN blocks b ON b.layer = p.layer AND b.scope = 'knn'
+    UNION ALL
+    SELECT b.blk, p.label, p.distance, p.same FROM global_pairs p JOIN blocks b ON b.layer = p.layer AND b.scope = 'global'
 ),
 
 -- ROC-AUC by Mann-Whitney: with the pairs of a block sorted by distance, a pair's average rank
