@@ -4,9 +4,13 @@ revision (default HEAD), "new" the working tree's.
 
     python benchmarks/queries.py --keep /tmp/qb --skip-pandas     # builds the 1M-image run once
     python benchmarks/queries_ab.py /tmp/qb --measures knn_agreement,suspicious --reps 3 [--rev HEAD~1]
+    python benchmarks/queries_ab.py /tmp/qb --suite --reps 4 [--rev 15b40b8]
 
 Last line: one JSON object {measure: {old_wall, new_wall, old_cpu, new_cpu, ratio, same}}, ratio =
-median new wall / median old wall.
+median new wall / median old wall. With --suite the unit is the whole suite (the measures of
+benchmarks/queries.py in its order, on a fresh connection each time, the measures a measure reads
+computed first as the analyze stage does), queries/ as of REV against the working tree's; the
+key is "suite" and `same` lists the measures whose results differ.
 """
 from __future__ import annotations
 
@@ -36,6 +40,47 @@ def timed(con, text: str):
     return time.perf_counter() - t0, time.process_time() - c0, table.to_pandas()
 
 
+def same_table(a_, b_) -> bool:
+    return list(a_.columns) == list(b_.columns) and len(a_) == len(b_) and all(
+        (a_[c].fillna(0) - b_[c].fillna(0)).abs().max() <= 1e-9 * max(1.0, a_[c].abs().max())
+        if a_[c].dtype.kind in "fi" else a_[c].astype(str).equals(b_[c].astype(str)) for c in a_.columns)
+
+
+def suite_ab(run: str, rev: str, reps: int, threads: int) -> dict:
+    """Whole suites alternated: queries/ as of `rev` (extracted to a temporary folder, which
+    queries.HERE points at while that side runs) against the working tree's."""
+    import importlib.util
+    import tempfile
+    spec = importlib.util.spec_from_file_location("bench_queries", os.path.join(ROOT, "benchmarks", "queries.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)  # its SUITE (the name `queries` is the package)
+    from pipeline.rundir import RunDir
+    meta = RunDir(run).read_meta()
+    here = queries.HERE
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(f"git archive {rev} queries | tar -x -C {tmp}", shell=True, cwd=ROOT, check=True)
+        sides = {"old": os.path.join(tmp, "queries"), "new": here}
+        wall, cpu, result = {k: [] for k in sides}, {k: [] for k in sides}, {}
+        try:
+            for _ in range(reps):
+                for side, folder in sides.items():
+                    queries.HERE = folder
+                    con = catalog.connect(run, locked=False)
+                    con.execute(f"SET threads = {threads}")
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    result[side] = {m: queries.run_measure(con, m, {}, meta).to_pandas() for m in bench.SUITE}
+                    wall[side].append(round(time.perf_counter() - t0, 3))
+                    cpu[side].append(round(time.process_time() - c0, 3))
+                    con.close()
+                    print(side, wall[side][-1], cpu[side][-1], file=sys.stderr, flush=True)
+        finally:
+            queries.HERE = here
+    differ = [m for m in bench.SUITE if not same_table(result["old"][m], result["new"][m])]
+    return {"suite": {"old_wall": wall["old"], "new_wall": wall["new"], "old_cpu": cpu["old"], "new_cpu": cpu["new"],
+                      "ratio": round(statistics.median(wall["new"]) / statistics.median(wall["old"]), 3),
+                      "same": not differ, "differ": differ}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run")
@@ -43,7 +88,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rev", default="HEAD")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--suite", action="store_true", help="alternate whole suites instead of single measures")
     a = ap.parse_args()
+    if a.suite:
+        print(json.dumps(suite_ab(a.run, a.rev, a.reps, a.threads)))
+        return
     con = catalog.connect(a.run, locked=False)
     con.execute(f"SET threads = {a.threads}")
     out = {}
@@ -58,10 +107,7 @@ def main() -> None:
                 w, c, result[side] = timed(con, text)
                 wall[side].append(round(w, 3))
                 cpu[side].append(round(c, 3))
-        a_, b_ = result["old"], result["new"]
-        same = list(a_.columns) == list(b_.columns) and len(a_) == len(b_) and all(
-            (a_[c].fillna(0) - b_[c].fillna(0)).abs().max() <= 1e-9 * max(1.0, a_[c].abs().max())
-            if a_[c].dtype.kind in "fi" else a_[c].astype(str).equals(b_[c].astype(str)) for c in a_.columns)
+        same = same_table(result["old"], result["new"])
         out[m] = {"old_wall": wall["old"], "new_wall": wall["new"], "old_cpu": cpu["old"], "new_cpu": cpu["new"],
                   "ratio": round(statistics.median(wall["new"]) / statistics.median(wall["old"]), 3), "same": bool(same)}
         print(m, out[m], file=sys.stderr, flush=True)

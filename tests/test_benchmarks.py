@@ -1,0 +1,46 @@
+"""The queries benchmark at a small size: its pandas + numpy + scikit-learn implementation of every
+measure (benchmarks/queries_pandas.py, written apart from the SQL) must agree with queries/*.sql on
+a synthetic run, and the A/B script must run the whole suite. No timings are checked."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _last_json(args: list[str]) -> dict:
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_sql_suite_equals_pandas_on_a_small_synthetic_run(tmp_path):
+    run = str(tmp_path / "run")
+    out = _last_json(["benchmarks/queries.py", "--images", "3000", "--classes", "30", "--k", "8",
+                      "--deep-queries", "300", "--keep", run])
+    assert out["same_results"] is True
+    assert out["edges"] == 3000 * 8
+    assert {"suite_seconds", "vs_pandas"} <= set(out)
+    assert set(out["per_measure_seconds"]) == {"knn_agreement", "class_distances", "per_class", "suspicious",
+                                               "layer_comparison"}
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not os.path.isdir(os.path.join(ROOT, ".git")),
+                    reason="needs the git checkout (queries/ as of HEAD)")
+def test_suite_ab_runs_both_sides_and_compares_them(tmp_path):
+    run = str(tmp_path / "run")
+    _last_json(["benchmarks/queries.py", "--images", "1000", "--classes", "10", "--deep-queries", "100",
+                "--keep", run, "--skip-pandas"])
+    out = _last_json(["benchmarks/queries_ab.py", run, "--suite", "--rev", "HEAD", "--reps", "1"])["suite"]
+    assert len(out["old_wall"]) == len(out["new_wall"]) == 1
+    # HEAD's SQL against the working tree's: equal unless queries/ has uncommitted changes
+    dirty = subprocess.run(["git", "status", "--porcelain", "queries"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    if not dirty:
+        assert out["same"] is True and out["differ"] == []
