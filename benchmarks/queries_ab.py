@@ -1,6 +1,8 @@
 """Old against new SQL of some measures, alternated in one process on the same run: the wall and
 CPU seconds of each, and whether the results are equal. "old" is queries/<measure>.sql at a git
-revision (default HEAD), "new" the working tree's.
+revision (default HEAD), "new" the working tree's; only the .sql files are swapped (queries/
+__init__.py, which runs them, is the working tree's). The order alternates too (old, new, new,
+old, ...), so neither side always pays the warm-up of the run's files.
 
     python benchmarks/queries.py --keep /tmp/qb --skip-pandas     # builds the 1M-image run once
     python benchmarks/queries_ab.py /tmp/qb --measures knn_agreement,suspicious --reps 3 [--rev HEAD~1]
@@ -9,8 +11,9 @@ revision (default HEAD), "new" the working tree's.
 Last line: one JSON object {measure: {old_wall, new_wall, old_cpu, new_cpu, ratio, same}}, ratio =
 median new wall / median old wall. With --suite the unit is the whole suite (the measures of
 benchmarks/queries.py in its order, on a fresh connection each time, the measures a measure reads
-computed first as the analyze stage does), queries/ as of REV against the working tree's; the
-key is "suite" and `same` lists the measures whose results differ.
+computed first as the analyze stage does), queries/*.sql as of REV against the working tree's;
+the key is "suite", `same` says whether every measure's result is equal and `differ` lists those
+that are not.
 """
 from __future__ import annotations
 
@@ -40,6 +43,10 @@ def timed(con, text: str):
     return time.perf_counter() - t0, time.process_time() - c0, table.to_pandas()
 
 
+def _order(rep: int) -> tuple[str, str]:
+    return ("old", "new") if rep % 2 == 0 else ("new", "old")
+
+
 def same_table(a_, b_) -> bool:
     return list(a_.columns) == list(b_.columns) and len(a_) == len(b_) and all(
         (a_[c].fillna(0) - b_[c].fillna(0)).abs().max() <= 1e-9 * max(1.0, a_[c].abs().max())
@@ -62,9 +69,9 @@ def suite_ab(run: str, rev: str, reps: int, threads: int) -> dict:
         sides = {"old": os.path.join(tmp, "queries"), "new": here}
         wall, cpu, result = {k: [] for k in sides}, {k: [] for k in sides}, {}
         try:
-            for _ in range(reps):
-                for side, folder in sides.items():
-                    queries.HERE = folder
+            for rep in range(reps):
+                for side in _order(rep):
+                    queries.HERE = sides[side]
                     con = catalog.connect(run, locked=False)
                     con.execute(f"SET threads = {threads}")
                     t0, c0 = time.perf_counter(), time.process_time()
@@ -101,8 +108,9 @@ def main() -> None:
                              cwd=ROOT, check=True).stdout
         sides = {"old": old, "new": queries.sql_text(m)}
         wall, cpu, result = {k: [] for k in sides}, {k: [] for k in sides}, {}
-        for _ in range(a.reps):
-            for side, text in sides.items():
+        for rep in range(a.reps):
+            for side in _order(rep):
+                text = sides[side]
                 queries.set_params(con, m, {}, None)
                 w, c, result[side] = timed(con, text)
                 wall[side].append(round(w, 3))

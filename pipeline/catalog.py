@@ -106,6 +106,9 @@ def catalog_sql(run: RunDir) -> str:
         f"FROM read_parquet({_glob(run, 'twins', layer_dir(k))})" for k in twin_layers) or None)
     g = _glob(run, "errors")
     view("errors", g and f"SELECT uri, stage, error, message FROM read_parquet({g})")
+    # figures that queries/*.sql kept in this session are of the views read before: forget them
+    # (in the CLI a user may read another run's catalog.sql into the same session)
+    out += ["SET VARIABLE knn_agreement_params = NULL;", "SET VARIABLE class_distances_params = NULL;"]
     return "\n".join(out) + "\n"
 
 

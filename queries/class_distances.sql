@@ -53,6 +53,8 @@ SET VARIABLE k = coalesce(getvariable('k'), (SELECT max(rank) FROM knn))::INTEGE
 SET VARIABLE seed = coalesce(getvariable('seed'), 0)::BIGINT;
 SET VARIABLE pairs = coalesce(getvariable('pairs'), 100000)::BIGINT;
 SET VARIABLE triplets = coalesce(getvariable('triplets'), 100000)::BIGINT;
+SET VARIABLE class_distances_params = NULL;  -- until the figures below are there
+DROP TABLE IF EXISTS results_class_distances;
 
 -- knn_agreement's edges and per-image counts must be there, for this layer and k
 SET VARIABLE class_distances_inputs = CASE

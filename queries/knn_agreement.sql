@@ -40,6 +40,14 @@
 SET VARIABLE layer = coalesce(getvariable('layer'), NULL)::VARCHAR;
 SET VARIABLE k = coalesce(getvariable('k'), (SELECT max(rank) FROM knn))::INTEGER;
 
+-- the kept tables are replaced one after the other: until the last line says for which
+-- parameters they hold, nothing may read them (dropped, a reader stops on the missing table
+-- rather than read tables left by an earlier run of this file, should this one stop halfway)
+SET VARIABLE knn_agreement_params = NULL;
+DROP TABLE IF EXISTS results_knn_agreement_edges;
+DROP TABLE IF EXISTS results_knn_agreement_images;
+DROP TABLE IF EXISTS results_knn_agreement;
+
 -- every edge with both labels (the query's label and prediction, the neighbour's label), kept
 -- for this file's per-image counts and class_distances.sql (its kNN-scope distances), so the
 -- 10M edges are joined to labels once per connection

@@ -364,6 +364,54 @@ def test_sql_files_run_in_plain_duckdb(run, name):
     assert [r[0] for r in plain] == [r["layer"] for r in loader]
 
 
+def test_kept_results_are_not_read_after_a_run_that_stopped_halfway_or_a_new_catalog(run):
+    """knn_agreement.sql replaces three tables one after the other and says last for which
+    parameters they hold: a run of it with k = 2 that stops after its first table must not leave
+    the k = 3 parameters standing over k = 2 edges; and reading a catalog.sql again (in the CLI,
+    perhaps another run's) forgets every kept figure."""
+    catalog.write_catalog(RunDir(run))
+    con = duckdb.connect()
+    con.execute(open(RunDir(run).p("catalog.sql")).read())
+
+    def read(measure, upto=None):
+        statements = duckdb.extract_statements(open(queries.sql_path(measure)).read())
+        for s in statements[:upto]:
+            con.sql(s.query)  # the last, a SELECT, stays unread
+
+    con.execute("SET VARIABLE k = 3")
+    read("knn_agreement")
+    read("class_distances")
+    full = con.sql("SELECT * FROM results_class_distances ORDER BY ALL").fetchall()
+    con.execute("SET VARIABLE k = 2")
+    statements = duckdb.extract_statements(open(queries.sql_path("knn_agreement")).read())
+    upto = next(i for i, s in enumerate(statements) if "results_knn_agreement_edges AS" in s.query) + 1
+    read("knn_agreement", upto)  # stops after the edges (Ctrl-C, out of memory, ...)
+    con.execute("SET VARIABLE k = 3")
+    with pytest.raises(duckdb.Error, match="knn_agreement.sql first"):
+        read("class_distances")
+    read("knn_agreement")  # run whole again: the figures are those of a fresh session
+    read("class_distances")
+    assert _rows_close(con.sql("SELECT * FROM results_class_distances ORDER BY ALL").fetchall(), full)
+
+    con.execute(open(RunDir(run).p("catalog.sql")).read())
+    for name in ("class_distances", "per_class", "suspicious"):
+        with pytest.raises(duckdb.Error, match="first"):
+            read(name)
+
+
+def _rows_close(a, b, rel=1e-9):
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        for u, v in zip(x, y):
+            if isinstance(u, float) and isinstance(v, float):
+                if abs(u - v) > rel * max(1.0, abs(v)):
+                    return False
+            elif u != v:
+                return False
+    return True
+
+
 def test_parameters_are_declared_with_their_types():
     declared = {m: {p.name: p.type for p in queries.params(m)} for m in MINE}
     assert declared["knn_agreement"] == {"layer": "VARCHAR", "k": "INTEGER"}
