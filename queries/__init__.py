@@ -15,8 +15,9 @@ temporary tables `results_<measure>` and the parameters they were computed with 
 (`results_knn_agreement_images`) and the kNN edges with both labels
 (`results_knn_agreement_edges`). The measures that READS names read those tables:
 class_distances.sql its kNN-scope distances from the labelled edges and its kNN triplets from
-the per-image counts, suspicious.sql its candidates from the per-image counts, per_class.sql and layer_comparison.sql are thin SQL over the figures; so the 10M kNN
-edges are joined to labels and grouped per image once per connection. In the CLI a user
+the per-image counts, suspicious.sql its candidates from the per-image counts, per_class.sql and
+layer_comparison.sql are thin SQL over the figures; so the 10M kNN edges are joined to labels and
+grouped per image once per connection. In the CLI a user
 `.read`s the files in order (their headers say so; they stop with an error when an input is
 missing or stale); here `relation` runs a measure's inputs first unless the connection already
 holds them for the same parameters (as in the analyze stage, which runs every measure on one
