@@ -80,7 +80,7 @@ blocks AS (
 
 -- scope knn: every edge, with its labels from knn_agreement.sql (results_knn_agreement_edges)
 knn_pairs AS (
-    SELECT layer, 'knn' AS scope, query_id AS anchor, label, rank, distance, label = neighbor_label AS same
+    SELECT layer, label, distance, label = neighbor_label AS same
     FROM results_knn_agreement_edges
 ),
 
@@ -119,7 +119,7 @@ layer_vectors AS (
     FROM measured_layers l JOIN vectors v ON v.features = l.features
 ),
 global_pairs AS (
-    SELECT va.layer, 'global' AS scope, p.anchor, p.label, p.same,
+    SELECT va.layer, p.label, p.same,
         CASE va.metric WHEN 'cosine' THEN list_cosine_distance(va.vec, vb.vec)
                        ELSE list_distance(va.vec, vb.vec) END AS distance
     FROM pair_ids p

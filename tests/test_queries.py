@@ -337,6 +337,14 @@ def test_suspicious_equals_numpy_for_every_candidate(run, syn):
 
 
 # ---- plain DuckDB, parameters, the command line -----------------------------------------------
+def _plain_read(con, measure, upto=None):
+    """`.read queries/<measure>.sql` in the DuckDB CLI (its first `upto` statements): the
+    relation of the last statement run, a SELECT left unread."""
+    for s in duckdb.extract_statements(open(queries.sql_path(measure)).read())[:upto]:
+        rel = con.sql(s.query)
+    return rel
+
+
 @pytest.mark.parametrize("name", MINE)
 def test_sql_files_run_in_plain_duckdb(run, name):
     """What a user does in the DuckDB CLI: .read RUN/catalog.sql, SET VARIABLE, .read the file
@@ -347,9 +355,7 @@ def test_sql_files_run_in_plain_duckdb(run, name):
     con.execute("SET VARIABLE k = 4")
 
     def read(measure):
-        for s in duckdb.extract_statements(open(queries.sql_path(measure)).read()):
-            rel = con.sql(s.query)
-        return rel
+        return _plain_read(con, measure)
 
     if name in queries.READS:  # without its inputs the file says which to .read first
         with pytest.raises(duckdb.Error, match=f"{queries.READS[name][0]}.sql first"):
@@ -374,9 +380,7 @@ def test_kept_results_are_not_read_after_a_run_that_stopped_halfway_or_a_new_cat
     con.execute(open(RunDir(run).p("catalog.sql")).read())
 
     def read(measure, upto=None):
-        statements = duckdb.extract_statements(open(queries.sql_path(measure)).read())
-        for s in statements[:upto]:
-            con.sql(s.query)  # the last, a SELECT, stays unread
+        _plain_read(con, measure, upto)
 
     con.execute("SET VARIABLE k = 3")
     read("knn_agreement")
