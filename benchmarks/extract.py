@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def make_folder(root: str, n: int, size: int) -> None:
-    from stages.builtin_data import SHAPE_CLASSES, render_shape, shape_params
+    from featscope.stages.builtin_data import SHAPE_CLASSES, render_shape, shape_params
 
     marker = os.path.join(root, f".complete-{n}-{size}")
     if os.path.exists(marker):
@@ -42,9 +42,9 @@ def make_folder(root: str, n: int, size: int) -> None:
 
 
 def featscope_extract(data: str, out: str, model: str, size: int, batch: int, views: str = "[]") -> dict:
-    from pipeline.config import build_config
-    from pipeline.rundir import RunDir
-    from pipeline.runner import run_pipeline
+    from featscope.core.config import build_config
+    from featscope.core.rundir import RunDir
+    from featscope.pipeline.runner import run_pipeline
 
     common = {"data": data, "out": out, "model": model, "image_size": size}
     sets = [f"batch_size={batch}", "layers=[conv,penultimate]", f"perturb={views}"]
@@ -112,7 +112,7 @@ def main() -> None:
     make_folder(small, a.small, a.size)
     print(f"datasets ready ({time.perf_counter() - t:.1f} s)", file=sys.stderr)
 
-    from pipeline.runner import connect_ray
+    from featscope.pipeline.runner import connect_ray
 
     connect_ray()
     fs = featscope_extract(big, os.path.join(work, "run-big"), a.model, a.size, a.batch)

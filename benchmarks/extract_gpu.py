@@ -33,7 +33,7 @@ warnings.simplefilter("ignore")
 
 
 def build_images(run: str, n: int, shard_size: int) -> int:
-    from stages import ingest
+    from featscope.stages import ingest
 
     plan = ingest.plan(f"builtin:shapes?n={n}", shard_size)
     with ProcessPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
@@ -43,9 +43,9 @@ def build_images(run: str, n: int, shard_size: int) -> int:
 
 
 def spec_for(model_name: str, size: int, batch: int, views: list[str], decode_threads: int) -> dict:
-    from pipeline.config import build_config
-    from stages.layers import Traced, resolve_layers
-    from stages.models import build_model, preprocess_for
+    from featscope.core.config import build_config
+    from featscope.stages.layers import Traced, resolve_layers
+    from featscope.stages.models import build_model, preprocess_for
 
     cfg = build_config(None, {"model": model_name, "image_size": size, "data": "builtin:shapes"},
                        [f"batch_size={batch}"])
@@ -107,7 +107,7 @@ def pure_forward(model_name: str, size: int, batch: int, n: int) -> float:
 
 
 def knn_check(n: int = 100_000, d: int = 512, k: int = 10) -> dict:
-    from stages.vectors import exact_search
+    from featscope.stages.vectors import exact_search
 
     rng = np.random.default_rng(0)
     base = rng.standard_normal((n, d)).astype(np.float32)
@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--decode-threads", type=int, default=8)
     ap.add_argument("--views", default="", help="comma-separated, e.g. noise=0.05,shift=2")
     a = ap.parse_args()
-    from stages.extract import ShardExtractor
+    from featscope.stages.extract import ShardExtractor
 
     run = tempfile.mkdtemp(prefix="fs-gpu-")
     shards = build_images(run, a.n, 4096)
@@ -147,7 +147,7 @@ def main() -> None:
     result["featscope_img_s"] = round(rows / (time.perf_counter() - t0), 1)
     if a.views:
         views = [v.strip() for v in a.views.split(",")]
-        from stages.perturb import view_name
+        from featscope.stages.perturb import view_name
 
         exv = ShardExtractor(run, spec_for(a.model, a.size, a.batch, [view_name(v) for v in views], a.decode_threads))
         exv.extract_shard(0)

@@ -30,8 +30,8 @@ import pyarrow as pa
 
 
 def write_features(run_path: str, vecs: np.ndarray, rows_per_file: int = 65536) -> None:
-    from pipeline.rundir import RunDir, write_table_atomic
-    from stages.extract import features_schema
+    from featscope.core.rundir import RunDir, write_table_atomic
+    from featscope.stages.extract import features_schema
 
     run = RunDir(run_path)
     n, d = vecs.shape
@@ -112,10 +112,10 @@ def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
 
 
 def exact_part(a, tmp: str, k: int, out: dict) -> None:
-    from pipeline.config import build_config
-    from pipeline.progress import progress
-    from pipeline.rundir import RunDir
-    from stages import knn
+    from featscope.core.config import build_config
+    from featscope.core.progress import progress
+    from featscope.core.rundir import RunDir
+    from featscope.stages import knn
 
     base = np.random.default_rng(0).normal(size=(a.n, a.dim)).astype(np.float32)
     flops = 2.0 * a.n * a.n * a.dim
@@ -137,11 +137,11 @@ def exact_part(a, tmp: str, k: int, out: dict) -> None:
 def ann_part(a, tmp: str, k: int, out: dict) -> None:
     import pyarrow.dataset as ds
 
-    from pipeline.config import build_config
-    from pipeline.progress import progress
-    from pipeline.rundir import RunDir
-    from stages import index, knn
-    from stages.vectors import exact_search
+    from featscope.core.config import build_config
+    from featscope.core.progress import progress
+    from featscope.core.rundir import RunDir
+    from featscope.stages import index, knn
+    from featscope.stages.vectors import exact_search
 
     vecs = clustered(a.ann_n, a.ann_dim)
     path = os.path.join(tmp, "ann")
@@ -180,8 +180,8 @@ def main() -> None:
     ap.add_argument("--parts", default="exact,ann", help="comma-separated: exact, ann")
     a = ap.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
-    from pipeline.progress import set_quiet
-    from pipeline.runner import connect_ray
+    from featscope.core.progress import set_quiet
+    from featscope.pipeline.runner import connect_ray
 
     set_quiet(True)
     k, out = 10, {"load_avg_start": round(os.getloadavg()[0], 2)}  # other work on the machine skews every rate

@@ -27,9 +27,9 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import queries  # noqa: E402
-from pipeline import catalog  # noqa: E402
-from pipeline.rundir import RunDir  # noqa: E402
+from featscope import queries  # noqa: E402
+from featscope.core import catalog  # noqa: E402
+from featscope.core.rundir import RunDir  # noqa: E402
 
 KNN_SCHEMA = pa.schema([("layer", pa.string()), ("query_id", pa.int64()), ("rank", pa.int32()),
                         ("neighbor_id", pa.int64()), ("distance", pa.float32())])
@@ -40,8 +40,8 @@ DIM = 16
 
 
 def make_run(path: str, n: int, classes: int, k: int, deep_queries: int, seed: int = 0) -> None:
-    from stages.extract import features_schema
-    from stages.ingest import IMAGES_SCHEMA
+    from featscope.stages.extract import features_schema
+    from featscope.stages.ingest import IMAGES_SCHEMA
 
     rng = np.random.default_rng(seed)
     ids = rng.choice(2 ** 62, n, replace=False).astype(np.int64)

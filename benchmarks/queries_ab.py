@@ -30,8 +30,8 @@ import duckdb
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import queries  # noqa: E402
-from pipeline import catalog  # noqa: E402
+from featscope import queries  # noqa: E402
+from featscope.core import catalog  # noqa: E402
 
 
 def timed(con, text: str):
@@ -61,7 +61,7 @@ def suite_ab(run: str, rev: str, reps: int, threads: int) -> dict:
     spec = importlib.util.spec_from_file_location("bench_queries", os.path.join(ROOT, "benchmarks", "queries.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)  # its SUITE (the name `queries` is the package)
-    from pipeline.rundir import RunDir
+    from featscope.core.rundir import RunDir
     meta = RunDir(run).read_meta()
     here = queries.HERE
     with tempfile.TemporaryDirectory() as tmp:

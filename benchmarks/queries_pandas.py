@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score
 
-from pipeline.rundir import RunDir, layer_dir
+from featscope.core.rundir import RunDir, layer_dir
 
 PAIRS = TRIPLETS = 100_000
 TOP, MIN_PROB, MAX_AGREEMENT = 20, 0.5, 0.5

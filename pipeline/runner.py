@@ -10,10 +10,10 @@ import platform
 import time
 import warnings
 
-from . import catalog
-from .config import STAGES, Config, UserError
-from .progress import progress, say
-from .rundir import RunDir, exists, remove_stale_temporaries
+from featscope.core import catalog
+from featscope.core.config import STAGES, Config, UserError
+from featscope.core.progress import progress, say
+from featscope.core.rundir import RunDir, exists, remove_stale_temporaries
 
 # config keys whose change makes existing ingest/extract output wrong for this run
 _FINGERPRINT_KEYS = ("data", "model", "weights", "layers", "image_size", "resize", "mean", "std", "shard_size",
@@ -45,7 +45,9 @@ def connect_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, **kwargs)
+        # "local": always a new embedded Ray; a bare ray.init() would attach to any cluster whose
+        # address Ray left in its temp dir (another session's, or a dead one's it then waits on)
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -71,7 +73,7 @@ def index_layers(cfg: Config, layers) -> list[dict]:
     `l2` keeps the layer's own name; other metrics add a suffix (`penultimate:cosine`). A layer
     spec that names a metric itself (`--layers penultimate:cosine`) adds that pair too.
     """
-    from stages.layers import split_metric
+    from featscope.stages.layers import split_metric
 
     out: dict[str, dict] = {}
 
@@ -94,14 +96,17 @@ def index_layers(cfg: Config, layers) -> list[dict]:
 class Prepared:
     """Everything validated before any work starts."""
 
-    def __init__(self, cfg: Config):
-        from stages import ingest
-        from stages.layers import Traced, resolve_layers
-        from stages.models import build_model, check_model_name, preprocess_for
+    def __init__(self, cfg: Config, module=None):
+        from featscope.stages import ingest
+        from featscope.stages.layers import resolve_layers, trace
+        from featscope.stages.models import build_model, check_model_name, model_kind, preprocess_for, search_path
 
         self.cfg = cfg
+        self.module = module  # the nn.Module of an `object:` model (the Python API)
+        self.kind = model_kind(cfg.model)
+        self.search_path = search_path() if self.kind == "factory" else []
         self.stages = [s for s in STAGES if cfg.stages is None or s in cfg.stages]
-        check_model_name(cfg.model)
+        check_model_name(cfg.model, module)
         if cfg.weights and not os.path.isfile(cfg.weights):
             raise UserError(f"weights file not found: {cfg.weights}")
         self.plan = ingest.plan(cfg.data, cfg.shard_size)
@@ -110,28 +115,37 @@ class Prepared:
         self.needs_training = cfg.model == "smallcnn" and not cfg.weights and cfg.train_epochs > 0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model, info = build_model(cfg.model, cfg.weights, cfg.num_classes or len(self.classes))
-        if not cfg.weights and not self.needs_training:
-            say(f"warning: {cfg.model} has no --weights: it is randomly initialised")
+            model, info = build_model(cfg.model, cfg.weights, cfg.num_classes or len(self.classes), module,
+                                      self.search_path)
+        # the network itself, for models whose name does not pin it down (the user's code, timm releases)
+        self.model_sha256 = None
+        if self.kind in ("factory", "object", "timm"):
+            from featscope.stages.models import state_sha256
+
+            self.model_sha256 = state_sha256(model)
         self.info = info
         self.pre = preprocess_for(cfg, info)
-        traced = Traced(model, self.pre.image_size)
+        traced = trace(model, self.pre.image_size)
         self.layers = resolve_layers(traced, cfg.layers)
         self.index_layers = index_layers(cfg, self.layers)
-        from stages import perturb
+        from featscope.stages import perturb
 
         self.views = list(dict.fromkeys(perturb.view_name(v) for v in cfg.perturb))
         perturb.check_source(cfg.data, self.views)
         self.cam_available = traced.cam_ok
         self.run = RunDir(cfg.run_dir)
+        if not cfg.weights and not self.needs_training and self.kind != "object":  # said once every check passed
+            say(f"warning: {cfg.model} has no --weights: it is randomly initialised (seeded)")
 
     def fingerprint(self) -> str:
         keys = {k: getattr(self.cfg, k) for k in _FINGERPRINT_KEYS}
         keys["dataset"] = self.plan.fingerprint
         if self.cfg.weights:
-            from stages.models import file_sha256
+            from featscope.stages.models import file_sha256
 
             keys["weights_sha256"] = file_sha256(self.cfg.weights)
+        if self.model_sha256:
+            keys["model_sha256"] = self.model_sha256
         return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -140,11 +154,12 @@ def _require(run: RunDir, stage: str, needs: str) -> None:
         raise UserError(f"stage '{stage}' needs the output of '{needs}' in {run.root}: run that stage first")
 
 
-def run_pipeline(cfg: Config, quiet: bool = False) -> dict:
-    from .progress import set_quiet
+def run_pipeline(cfg: Config, quiet: bool = False, module=None) -> dict:
+    """Run the configured stages; `module`: the nn.Module of an `object:` model (featscope.run(model=net))."""
+    from featscope.core.progress import set_quiet
 
     set_quiet(quiet)  # progress bars and notes on stderr; none in --format json
-    prep = Prepared(cfg)  # raises UserError before any work
+    prep = Prepared(cfg, module)  # raises UserError before any work
     run = prep.run
     if cfg.overwrite:
         run.wipe()
@@ -158,6 +173,8 @@ def run_pipeline(cfg: Config, quiet: bool = False) -> dict:
     meta.update({"fingerprint": fp, "config": cfg.to_dict(), "versions": versions(),
                  "dataset": {"source": cfg.data, "kind": prep.plan.kind, "fingerprint": prep.plan.fingerprint,
                              "inputs": prep.plan.n_inputs, "classes": prep.classes},
+                 "model": {"name": cfg.model, "kind": prep.kind, "sha256": prep.model_sha256,
+                           "num_classes": prep.info.num_classes, "search_path": prep.search_path},
                  "layers": [layer.to_dict() for layer in prep.layers],
                  "index_layers": prep.index_layers,
                  "views": prep.views,
@@ -172,7 +189,7 @@ def run_pipeline(cfg: Config, quiet: bool = False) -> dict:
     connect_ray()
     run.write_meta({**run.read_meta(), "ray": ray_info()})
     summary: dict = {"run": run.path}
-    from stages import extract, ingest, train
+    from featscope.stages import extract, ingest, train
 
     for stage in prep.stages:
         t0 = time.perf_counter()
@@ -197,9 +214,9 @@ def run_pipeline(cfg: Config, quiet: bool = False) -> dict:
             import importlib
 
             try:
-                module = importlib.import_module(f"stages.{stage}")
+                module = importlib.import_module(f"featscope.stages.{stage}")
             except ModuleNotFoundError as exc:
-                if exc.name != f"stages.{stage}":
+                if exc.name != f"featscope.stages.{stage}":
                     raise  # a missing dependency inside the stage is an error, not "not built"
                 continue  # no such stage module (report)
             _require(run, stage, "extract")
@@ -222,6 +239,38 @@ def _model_spec(prep: Prepared) -> dict:
         weights = prep.run.p("model", f"{cfg.model}.pt")
         if not exists(weights):
             raise UserError(f"stage 'extract' needs the trained checkpoint {weights}: run the 'train' stage first")
-    return {"model": cfg.model, "weights": weights, "num_classes": cfg.num_classes or len(prep.classes),
+    spec = {"model": cfg.model, "weights": weights, "num_classes": cfg.num_classes or len(prep.classes),
             "layers": [layer.to_dict() for layer in prep.layers], "device": cfg.device, "cfg": cfg.to_dict(),
-            "views": prep.views}
+            "views": prep.views, "search_path": prep.search_path}
+    if prep.module is not None:
+        import ray
+
+        spec["module_ref"] = ray.put(prep.module)  # every replica reads it from the object store
+    return spec
+
+
+def train_checkpoint(cfg: Config, out: str) -> dict:
+    """`featscope train`: train cfg.model on cfg.data with cross-entropy, save a checkpoint to `out`
+    (loadable with `featscope run --weights`). Unusable images are skipped and counted."""
+    from featscope.stages import ingest, train
+    from featscope.stages.images import BadImage, validate
+    from featscope.stages.models import check_model_name
+
+    check_model_name(cfg.model)
+    plan = ingest.plan(cfg.data, cfg.shard_size)
+    records, errors = [], 0
+    index = {c: i for i, c in enumerate(plan.classes)}
+    for shard in plan.shards:
+        for rec in ingest._records(shard):
+            try:
+                if rec.get("error"):
+                    raise rec["error"]
+                data, _, _ = validate(rec["bytes"], cfg.max_image_pixels, cfg.min_image_side)
+            except BadImage:
+                errors += 1
+                continue
+            records.append({"image_id": ingest.image_id(rec["key"]), "bytes": data,
+                            "label": index[rec["label_name"]], "split": rec["split"]})
+    metrics = train.train_records(cfg.model, records, plan.classes, cfg, out, progress)
+    metrics.update({"checkpoint": os.path.abspath(out), "skipped_images": errors})
+    return metrics

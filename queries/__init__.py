@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import duckdb
 
-from pipeline.config import UserError
+from featscope.core.config import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # the order the analyze stage runs them in

@@ -11,8 +11,8 @@ import math
 import os
 
 
-from pipeline.config import UserError
-from pipeline.rundir import RunDir, exists, read_table
+from featscope.core.config import UserError
+from featscope.core.rundir import RunDir, exists, read_table
 
 from . import MEASURES, run_measure
 
@@ -34,7 +34,7 @@ def run_labels(paths: list[str]) -> list[str]:
 
 
 def _table(path: str, measure: str, given: dict):
-    from pipeline.catalog import connect
+    from featscope.core.catalog import connect
 
     run = RunDir(path)
     if not run.exists():

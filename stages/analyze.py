@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-import queries
-from pipeline import catalog
-from pipeline.config import Config, UserError
-from pipeline.rundir import AtomicParquetWriter, layer_dir, read_json, read_table, RunDir, write_json_atomic, write_table_atomic
+from featscope import queries
+from featscope.core import catalog
+from featscope.core.config import Config, UserError
+from featscope.core.rundir import AtomicParquetWriter, layer_dir, read_json, read_table, RunDir, write_json_atomic, write_table_atomic
 
 KNN_SCHEMA = pa.schema([("layer", pa.string()), ("query_id", pa.int64()), ("rank", pa.int32()),
                         ("neighbor_id", pa.int64()), ("distance", pa.float32())])
@@ -144,7 +144,7 @@ def run(run_dir: RunDir, cfg: Config, progress) -> dict:
     t0 = time.perf_counter()
     meta = run_dir.read_meta()
     info = write_deep_knn(run_dir, meta, cfg.deep_queries, cfg.deep_k, cfg.seed)
-    from stages.twins import write_twins  # what the continuity measure reads (perturbed views)
+    from featscope.stages.twins import write_twins  # what the continuity measure reads (perturbed views)
 
     info.update(write_twins(run_dir, meta, cfg.continuity_queries, cfg.seed))
     catalog.write_catalog(run_dir)

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from pipeline.rundir import AtomicParquetWriter, RunDir, layer_dir, read_table, shard_name, write_table_atomic
+from featscope.core.rundir import AtomicParquetWriter, RunDir, layer_dir, read_table, shard_name, write_table_atomic
 
 from .ingest import ERRORS_SCHEMA
 
@@ -54,7 +54,7 @@ class ShardExtractor:
     def __init__(self, run_path: str, spec: dict):
         import torch
 
-        from .layers import FeatureExtractor, Layer, Traced, head_weights
+        from .layers import Layer, extractor_for, head_weights, trace
         from .models import build_model, pick_device, preprocess_for
 
         self.torch = torch
@@ -64,17 +64,22 @@ class ShardExtractor:
         self.run = RunDir(run_path)
         self.spec = spec
         cfg = spec["cfg"]
-        model, info = build_model(spec["model"], spec["weights"], spec["num_classes"])
+        module = None
+        if spec.get("module_ref") is not None:  # an nn.Module object given to the Python API
+            import ray
+
+            module = ray.get(spec["module_ref"])
+        model, info = build_model(spec["model"], spec["weights"], spec["num_classes"], module, spec.get("search_path"))
         self.device = pick_device(spec["device"])
         self.pre = preprocess_for(_Cfg(cfg), info).to(self.device)
-        traced = Traced(model, self.pre.image_size)
+        traced = trace(model, self.pre.image_size)
         self.layers = [Layer(**d) for d in spec["layers"]]
         nodes = list(dict.fromkeys(layer.node for layer in self.layers))
         self.cam_node = traced.names[traced.conv] if traced.cam_ok else None
         if self.cam_node:
             nodes.append(self.cam_node)
             self.head_w, self.head_b = (t.to(self.device) for t in head_weights(traced))
-        self.extractor = FeatureExtractor(traced, nodes).to(self.device).eval()
+        self.extractor = extractor_for(traced, nodes).to(self.device).eval()
         self.batch_size = int(cfg["batch_size"])
         self.save_maps = bool(cfg["save_maps"])
         self.views = list(spec.get("views") or [])

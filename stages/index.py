@@ -23,8 +23,8 @@ import time
 
 import numpy as np
 
-from pipeline.config import UserError
-from pipeline.rundir import exists, getsize, layer_dir, read_json, RunDir, write_file_atomic, write_json_atomic
+from featscope.core.config import UserError
+from featscope.core.rundir import exists, getsize, layer_dir, read_json, RunDir, write_file_atomic, write_json_atomic
 
 from .vectors import DISTANCE_NOTE, base_signature, exact_search, load_base
 
@@ -173,7 +173,7 @@ def run(run_dir: RunDir, cfg, progress) -> dict:
                      "bytes": getsize(path + ".faiss"), "seconds": round(time.perf_counter() - t0, 3)})
         write_json_atomic(path + ".json", info)  # last: its presence marks the index complete
         if info["recall_at_k"] < cfg.index_recall:
-            from pipeline.progress import say
+            from featscope.core.progress import say
 
             say(f"warning: index {name} ({factory}) reaches recall@{info['k']} {info['recall_at_k']} "
                 f"< index_recall {cfg.index_recall}: raise index_memory_gb")

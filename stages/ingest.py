@@ -19,9 +19,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyarrow.fs import FileType
 
-from pipeline.config import UserError
-from pipeline.storage import Source, check_exists, open_source
-from pipeline.rundir import RunDir, read_table, shard_name, write_table_atomic
+from featscope.core.config import UserError
+from featscope.core.storage import Source, check_exists, open_source
+from featscope.core.rundir import RunDir, read_table, shard_name, write_table_atomic
 
 from . import builtin_data
 from .images import IMAGE_EXTENSIONS, BadImage, validate

@@ -24,8 +24,8 @@ import warnings
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import UserError
-from pipeline.rundir import layer_dir, local_file, read_json, remove, RunDir, shard_name, write_json_atomic, write_table_atomic
+from featscope.core.config import UserError
+from featscope.core.rundir import layer_dir, local_file, read_json, remove, RunDir, shard_name, write_json_atomic, write_table_atomic
 
 from .vectors import base_signature, exact_candidates, finish, load_base, score_buffer
 

@@ -10,8 +10,9 @@ tensor; here every requested node is returned once, under its own name, and ever
 Aliases:
 - `penultimate`: the input of the final `nn.Linear` (the classifier's input);
 - `conv`: the map that feeds the global pooling in front of the head: walking back from
-  the classifier through head ops (linear, dropout, activations, norms, flatten, pooling),
-  the input of the pooling op nearest the body.
+  the classifier through head ops (linear, dropout, activations, norms, flatten, pooling, and
+  convs on the pooled 1x1 map), the input of the pooling op nearest the body. For timm models
+  this is the output of `forward_features`, and `penultimate` is `forward_head(pre_logits=True)`.
 `conv` is pooled to a vector with `gap` (default), `flat` or `cam` (`conv:flat`,
 `conv:cam`). CAM needs a GAP + linear head (checked on the graph); then the CAM of class c is
 sum_k W[c,k] A_k(h,w), and its spatial mean plus the bias equals the logit.
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from pipeline.config import POOLINGS, UserError
+from featscope.core.config import POOLINGS, UserError
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
                 nn.LeakyReLU, nn.ELU, nn.Mish)
@@ -86,31 +87,115 @@ class Layer:
         return asdict(self)
 
 
+def _tracer_class():
+    from torchvision.models.feature_extraction import NodePathTracer
+
+    class Tracer(NodePathTracer):
+        """torchvision's tracer (its node names), with every nn.Linear subclass kept whole (timm's
+        Linear is one: traced into, the classifier would be an F.linear call), and the path of the
+        module being traced kept when tracing fails, so the error can say where."""
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.inside: list[str] = []
+
+        def is_leaf_module(self, m, module_qualname):
+            return isinstance(m, nn.Linear) or super().is_leaf_module(m, module_qualname)
+
+        def call_module(self, m, forward, args, kwargs):
+            self.inside.append(self.path_of_module(m))
+            out = super().call_module(m, forward, args, kwargs)
+            self.inside.pop()  # not on an exception: then the innermost module stays named
+            return out
+
+    return Tracer
+
+
+def _tracer_kwargs() -> dict:
+    try:
+        from torchvision.models.feature_extraction import _set_default_tracer_kwargs
+
+        kwargs = _set_default_tracer_kwargs(None)
+    except ImportError:  # private helper: fall back to plain tracing
+        kwargs = {}
+    import sys
+
+    if "timm" in sys.modules:  # a timm model (or timm layers in the user's): timm's own no-trace lists
+        from timm.layers import get_notrace_functions, get_notrace_modules
+
+        kwargs["leaf_modules"] = list(set(kwargs.get("leaf_modules", [])) | set(get_notrace_modules()))
+        kwargs["autowrap_functions"] = list(set(kwargs.get("autowrap_functions", [])) | set(get_notrace_functions()))
+    return kwargs
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _user_line(exc: BaseException) -> str:
+    """` at file.py:LINE`: the innermost frame of the traceback outside torch (the model's own code)."""
+    import os
+    import traceback
+
+    torch_dir = os.path.dirname(torch.__file__)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)
+              and os.path.abspath(f.filename) != os.path.abspath(__file__)]
+    return f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+
+
+def _size_error(model: nn.Module, image_size: int, where: str, exc: BaseException) -> UserError:
+    return UserError(f"{type(model).__name__} does not run on 3x{image_size}x{image_size} inputs (at {where}): "
+                     f"{_first_line(exc)}; set image_size to the input size it was built for")
+
+
+def trace(model: nn.Module, image_size: int):
+    """A Traced graph of the model; a Hooked stand-in when torch.fx cannot trace it."""
+    try:
+        return Traced(model, image_size)
+    except fx.proxy.TraceError as exc:
+        return Hooked(model, image_size, exc.args[0])
+
+
 class Traced:
     """One traced copy of a model, with node names, shapes at the given input size, and head info."""
 
+    trace_error = None
+
     def __init__(self, model: nn.Module, image_size: int):
-        from torchvision.models.feature_extraction import NodePathTracer
-
-        try:
-            from torchvision.models.feature_extraction import _set_default_tracer_kwargs
-
-            kwargs = _set_default_tracer_kwargs(None)
-        except ImportError:  # private helper: fall back to plain tracing
-            kwargs = {}
         model = model.eval()
-        tracer = NodePathTracer(**kwargs)
-        graph = tracer.trace(model)
+        tracer = _tracer_class()(**_tracer_kwargs())
+        try:
+            graph = tracer.trace(model)
+        except Exception as exc:  # noqa: BLE001 - fx raises TraceError, TypeError, AttributeError, ...
+            where = f"module '{tracer.inside[-1]}'" if tracer.inside and tracer.inside[-1] else "its forward"
+            where += _user_line(exc)
+            raise fx.proxy.TraceError(f"torch.fx cannot trace {type(model).__name__} (in {where}: "
+                                      f"{_first_line(exc)})") from None
         self.gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
         self.names = {n: tracer.node_to_qualname[n] for n in graph.nodes if n in tracer.node_to_qualname}
         self.by_name = {v: k for k, v in self.names.items()}
         from torch.fx.passes.shape_prop import ShapeProp
 
-        with torch.no_grad():
-            ShapeProp(self.gm).propagate(torch.zeros(1, 3, image_size, image_size))
+        class Shapes(ShapeProp):
+            def run_node(self, n):
+                self.current = n
+                return super().run_node(n)
+
+        shapes = Shapes(self.gm)
+        try:
+            with torch.no_grad():
+                shapes.propagate(torch.zeros(1, 3, image_size, image_size))
+        except Exception as exc:  # noqa: BLE001 - the model's own code failing on this input size
+            node = getattr(shapes, "current", None)
+            raise _size_error(model, image_size, f"node '{self.names.get(node, node)}'", exc.__cause__ or exc) from None
         self.linear = self._final_linear()
         self.conv = self._conv_node() if self.linear is not None else None
         self.cam_ok = self.conv is not None and self._gap_linear_head()
+
+    @property
+    def penultimate(self):
+        return self.linear.args[0]
 
     def shape(self, node: fx.Node) -> tuple:
         meta = node.meta.get("tensor_meta")
@@ -125,13 +210,23 @@ class Traced:
         while isinstance(node, fx.Node) and node.op != "placeholder":
             if _is_reduce(self.gm, node):
                 last_reduce = node
-            elif not _is_head_op(self.gm, node):
+            elif not _is_head_op(self.gm, node) and not self._on_pooled_map(node):
                 break
             node = node.args[0] if node.args else None
         if last_reduce is None:
             return None
         conv = last_reduce.args[0]
         return conv if len(self.shape(conv)) == 4 else None
+
+    def _on_pooled_map(self, node) -> bool:
+        """A conv on the pooled 1x1 map, fed by the pooling through head ops only: part of the head
+        (timm's mobilenetv3 and ghostnet: global_pool -> conv_head -> act -> flatten -> classifier)."""
+        if self.shape(node)[2:] != (1, 1) or not node.args:
+            return False
+        prev = node.args[0]
+        while isinstance(prev, fx.Node) and _is_head_op(self.gm, prev) and prev.args:
+            prev = prev.args[0]
+        return isinstance(prev, fx.Node) and _is_reduce(self.gm, prev)
 
     def _gap_linear_head(self) -> bool:
         node = self.linear.args[0]
@@ -156,6 +251,90 @@ class Traced:
             return inside[-1]
         sample = ", ".join(list(self.by_name)[-6:])
         raise UserError(f"unknown layer '{query}' (aliases: conv, penultimate; or a node name such as {sample})")
+
+
+class Hooked:
+    """What is left of a model torch.fx cannot trace: its modules, run eagerly with hooks.
+
+    Nodes are module names (a module's output) and, for `penultimate`, `<final linear>:input`
+    (the classifier's input, from a pre-hook on the last nn.Linear the forward calls). `conv` and
+    CAM need the graph between the conv map and the head, so they are refused, with the reason.
+    """
+
+    cam_ok = False
+    conv = None
+
+    def __init__(self, model: nn.Module, image_size: int, trace_error: str):
+        self.model, self.trace_error = model.eval(), trace_error
+        self.modules = dict(model.named_modules())
+        order, shapes = [], {}
+
+        def record(name):
+            def hook(mod, args, out):
+                if isinstance(out, torch.Tensor):
+                    shapes.setdefault(name, tuple(out.shape))
+                    order.append(name)
+                if isinstance(mod, nn.Linear) and args and isinstance(args[0], torch.Tensor):
+                    shapes.setdefault(name + ":input", tuple(args[0].shape))
+            return hook
+
+        handles = [m.register_forward_hook(record(n)) for n, m in self.modules.items() if n]
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, 3, image_size, image_size))
+        except Exception as exc:  # noqa: BLE001 - the model's own code failing on this input size
+            raise _size_error(model, image_size, "its forward", exc) from None
+        finally:
+            for h in handles:
+                h.remove()
+        self._shapes = shapes
+        self.names = {n: n for n in dict.fromkeys(order)} | {n: n for n in shapes if n.endswith(":input")}
+        self.by_name = self.names
+        linears = [n for n in order if isinstance(self.modules[n], nn.Linear)]
+        self.linear = linears[-1] if linears else None
+        self.final_linear_name = self.linear
+
+    @property
+    def penultimate(self) -> str:
+        return self.linear + ":input"
+
+    def shape(self, node: str) -> tuple:
+        return self._shapes.get(node, ())
+
+    def find(self, query: str) -> str:
+        if query in self.names:
+            return query
+        sample = ", ".join([n for n in self.names if not n.endswith(":input")][-6:])
+        raise UserError(f"unknown layer '{query}': {self.trace_error}, so layers are module names here "
+                        f"(such as {sample}) or penultimate")
+
+
+class HookedExtractor(nn.Module):
+    """FeatureExtractor's counterpart for a Hooked model: {node: tensor} plus the logits, one forward."""
+
+    logits_name = "logits"
+
+    def __init__(self, hooked: Hooked, node_names: list[str]):
+        super().__init__()
+        self.model, self.names, self.outs = hooked.model, list(dict.fromkeys(node_names)), {}
+        for name in self.names:
+            module_name, _, part = name.partition(":")
+            mod = hooked.modules[module_name]
+            if part == "input":
+                mod.register_forward_pre_hook(lambda m, args, name=name: self.outs.__setitem__(name, args[0]))
+            else:
+                mod.register_forward_hook(lambda m, args, out, name=name: self.outs.__setitem__(name, out))
+
+    def forward(self, x):
+        self.outs = {}
+        logits = self.model(x)
+        return {**self.outs, "logits": logits}
+
+
+def extractor_for(traced, node_names: list[str]) -> nn.Module:
+    if isinstance(traced, Hooked):
+        return HookedExtractor(traced, node_names)
+    return FeatureExtractor(traced, node_names)
 
 
 def final_linear_name(model: nn.Module) -> str:
@@ -183,11 +362,17 @@ def resolve_layers(traced: Traced, specs: list[str]) -> list[Layer]:
             raise UserError(f"unknown pooling '{pooling}' in layer '{spec}' (poolings: {', '.join(POOLINGS)})")
         if base == "penultimate":
             if traced.linear is None:
-                raise UserError("layer 'penultimate': the model has no final nn.Linear; name a node instead")
-            node, alias = traced.linear.args[0], "penultimate"
+                raise UserError("layer 'penultimate': the model has no final nn.Linear classifier (its input is the "
+                                "penultimate layer); name a node instead")
+            node, alias = traced.penultimate, "penultimate"
         elif base == "conv":
+            if traced.trace_error:
+                raise UserError(f"layer 'conv' is unavailable: {traced.trace_error}, and finding the last conv map "
+                                f"needs the graph; explicit module names and penultimate still work")
             if traced.conv is None:
-                raise UserError("layer 'conv': cannot find the last conv map in front of the head; name a node instead")
+                raise UserError("layer 'conv' is unavailable: no (N, C, H, W) map is pooled into the final "
+                                "classifier (a model without a conv map in front of its head, such as a "
+                                "transformer); use penultimate or name a node")
             node, alias = traced.conv, "conv"
         else:
             node, alias = traced.find(base), "node"
@@ -195,7 +380,8 @@ def resolve_layers(traced: Traced, specs: list[str]) -> list[Layer]:
         if len(shape) == 4:
             pooling = pooling or "gap"
             if pooling == "cam" and not (node is traced.conv and traced.cam_ok):
-                raise UserError(f"layer '{spec}': cam pooling needs the last conv map of a GAP + linear head")
+                raise UserError(f"layer '{spec}': cam pooling needs the last conv map of a global-average-pool + "
+                                f"linear head, which this model does not have; use conv or conv:flat")
             dim = shape[1] * shape[2] * shape[3] if pooling == "flat" else shape[1]
         elif len(shape) == 2:
             if pooling:

@@ -1,9 +1,9 @@
 """Nearest-neighbour lookups in a finished run, by image id or by an image file.
 
-    from stages.neighbors import neighbors
+    from featscope.stages.neighbors import neighbors
     neighbors("runs/digits-smallcnn", image_id=123, layer="conv", k=5)   # -> list of row dicts
 
-A query file is embedded with the run's own model, checkpoint, layer, pooling and
+A query image is embedded with the run's own model, checkpoint, layer, pooling and
 preprocessing (the code path extraction uses), then searched in the layer's FAISS index.
 A query by id excludes the image itself, as the kNN graph does; a query by file does not (a
 file that is in the dataset finds itself at rank 1, distance ~0). Distances follow the
@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import UserError
-from pipeline.rundir import RunDir, exists, layer_dir, local_file, parquet_dataset, read_json
+from featscope.core.config import UserError
+from featscope.core.rundir import RunDir, exists, layer_dir, local_file, parquet_dataset, read_json
 
 from .vectors import exact_distances, feature_files, prepare
 
@@ -47,41 +47,73 @@ def _vectors(run: RunDir, features: str, image_ids: list[int]) -> dict[int, np.n
     return dict(zip(t.column("image_id").to_pylist(), vecs.astype(np.float32)))
 
 
-def embed_file(run: RunDir, meta: dict, features: str, path: str) -> np.ndarray:
-    """The file's vector for one layer, computed as extraction computes it."""
+def image_bytes(image) -> tuple[bytes, str]:
+    """A query image as encoded bytes and a name for messages: a path, bytes, a PIL image or an
+    (H, W[, C]) uint8 array. Pictures are encoded losslessly (PNG), so every query takes the same
+    validate + decode path as the run's own images."""
+    import io
+    import os
+
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with open(image, "rb") as fh:
+                return fh.read(), str(image)
+        except OSError as exc:
+            raise UserError(f"cannot read query image {image}: {exc.strerror or exc}") from None
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image), "the query bytes"
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise UserError(f"a query array must be uint8 (H, W) or (H, W, C), not {image.dtype} {image.shape}")
+        image = Image.fromarray(image)
+    if isinstance(image, Image.Image):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue(), "the query image"
+    raise UserError(f"a query image is a path, bytes, a PIL image or a uint8 array, not {type(image).__name__}")
+
+
+def embed_file(run: RunDir, meta: dict, features: str, image, module=None) -> np.ndarray:
+    """The image's vector for one layer, computed as extraction computes it (image: see image_bytes)."""
     import torch
 
     from .images import BadImage, decode_rgb, validate
-    from .layers import FeatureExtractor, Layer, Traced, class_activation_map, head_weights, pool
-    from .models import Preprocess, build_model
+    from .layers import Layer, class_activation_map, extractor_for, head_weights, pool, trace
+    from .models import Preprocess, build_model, model_kind, state_sha256
 
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        raise UserError(f"cannot read query image {path}: {exc.strerror or exc}") from None
+    data, what = image_bytes(image)
     cfg = meta["config"]
     try:
         data, _, _ = validate(data, cfg["max_image_pixels"], cfg["min_image_side"])
         image = decode_rgb(data)
     except BadImage as exc:
-        raise UserError(f"query image {path} is unusable: {exc.message}") from None
+        raise UserError(f"query image {what} is unusable: {exc.message}") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is the file's fault
-        raise UserError(f"query image {path} is unusable: {type(exc).__name__}: {exc}") from None
-    weights = cfg.get("weights") or run.p("model", f"{cfg['model']}.pt")
-    if not exists(weights):  # e.g. a randomly initialised model: its weights cannot be rebuilt
-        raise UserError(f"cannot embed a query file: the run's model checkpoint {weights} is missing")
+        raise UserError(f"query image {what} is unusable: {type(exc).__name__}: {exc}") from None
+    weights = cfg.get("weights")
+    trained = run.p("model", f"{cfg['model']}.pt")
+    if not weights and exists(trained):  # the built-in CNN trained on the spot
+        weights = trained
+    # without weights the model was built under the fixed seed: build_model rebuilds the same one
+    kind = model_kind(cfg["model"])
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, _ = build_model(cfg["model"], weights, cfg.get("num_classes") or len(meta["dataset"]["classes"]))
+        model, _ = build_model(cfg["model"], weights, cfg.get("num_classes") or len(meta["dataset"]["classes"]),
+                               module, (meta.get("model") or {}).get("search_path"))
+    recorded = (meta.get("model") or {}).get("sha256")
+    if kind in ("factory", "object", "timm") and recorded and state_sha256(model) != recorded:
+        raise UserError(f"the model built now for {cfg['model']} is not the one the run was made with "
+                        f"(its weights differ from run.json's fingerprint)")
     pre = meta["preprocess"]
     prep = Preprocess(pre["image_size"], pre["resize"], pre["mean"], pre["std"])
-    traced = Traced(model, pre["image_size"])
+    traced = trace(model, pre["image_size"])
     layer = Layer(**next(l for l in meta["layers"] if l["name"] == features))
     cam_node = traced.names[traced.conv] if traced.cam_ok else None
-    extractor = FeatureExtractor(traced, list(dict.fromkeys([layer.node] + ([cam_node] if cam_node else [])))).eval()
+    extractor = extractor_for(traced, list(dict.fromkeys([layer.node] + ([cam_node] if cam_node else [])))).eval()
     device = torch.device("cuda" if cfg.get("device") != "cpu" and torch.cuda.is_available() else "cpu")
     extractor = extractor.to(device)
     with torch.inference_mode():
@@ -94,9 +126,12 @@ def embed_file(run: RunDir, meta: dict, features: str, path: str) -> np.ndarray:
         return pool(outs[layer.node].float(), layer.pooling, cam).cpu().numpy()
 
 
-def neighbors(run_path: str, image_id: int | None = None, image_file: str | None = None, layer: str | None = None,
-              k: int = 10) -> list[dict]:
-    """The k nearest images to one image id or image file in one layer: rows of COLUMNS."""
+def neighbors(run_path: str, image_id: int | None = None, image_file=None, layer: str | None = None,
+              k: int = 10, module=None) -> list[dict]:
+    """The k nearest images to one image id or one image in one layer: rows of COLUMNS.
+
+    image_file: a path, bytes, a PIL image or a uint8 array; module: the nn.Module of a run made
+    from an object (featscope.run(model=net)), which cannot be rebuilt from run.json."""
     import faiss
 
     run = RunDir(run_path)
@@ -119,7 +154,7 @@ def neighbors(run_path: str, image_id: int | None = None, image_file: str | None
             raise UserError(f"unknown image id {image_id} in layer '{entry['name']}'")
         q = found[int(image_id)][None, :]
     else:
-        q = embed_file(run, meta, entry["features"], image_file)
+        q = embed_file(run, meta, entry["features"], image_file, module)
     q = prepare(q, metric)
     with local_file(base + ".faiss") as path:
         index = faiss.read_index(path)

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from pipeline.config import UserError
+from featscope.core.config import UserError
 
 PERTURBATIONS = ("noise", "brightness", "contrast", "shift", "rotate", "blur", "jpeg", "background")
 

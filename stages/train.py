@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.rundir import RunDir, read_table, write_json_atomic
+from featscope.core.rundir import RunDir, read_table, write_json_atomic
 
 from .images import decode_rgb
 from .models import Preprocess
@@ -78,7 +78,7 @@ def accuracy(model, pre, x_u8, y, batch: int = 512) -> float:
 
 def save_checkpoint(path: str, model: nn.Module, name: str, class_names: list[str], image_size: int,
                     metrics: dict) -> None:
-    from pipeline.rundir import write_file_atomic
+    from featscope.core.rundir import write_file_atomic
 
     write_file_atomic(path, lambda tmp: torch.save({"model": name, "state_dict": model.state_dict(),
                                                     "class_names": class_names, "image_size": image_size,

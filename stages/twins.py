@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.rundir import layer_dir, read_json, read_table, RunDir, write_json_atomic, write_table_atomic
+from featscope.core.rundir import layer_dir, read_json, read_table, RunDir, write_json_atomic, write_table_atomic
 
 from .vectors import B_CHUNK, Q_BLOCK, exact_distances, feature_files, load_base, prepare
 

@@ -19,8 +19,8 @@ import hashlib
 import numpy as np
 import pyarrow.compute as pc
 
-from pipeline.config import UserError
-from pipeline.rundir import RunDir, layer_dir, read_table
+from featscope.core.config import UserError
+from featscope.core.rundir import RunDir, layer_dir, read_table
 
 DISTANCE_NOTE = {"l2": "Euclidean distance (sqrt of squared L2) = DuckDB array_distance",
                  "cosine": "1 - cosine similarity = DuckDB array_cosine_distance"}
@@ -65,7 +65,7 @@ def base_signature(run: RunDir, features: str, metric: str) -> str:
 
     Resume compares it, so an index or kNN shard is redone when the features were rewritten.
     """
-    from pipeline.rundir import file_stamp
+    from featscope.core.rundir import file_stamp
 
     h = hashlib.sha256(f"{features}|{metric}".encode())
     for f in feature_files(run, features):

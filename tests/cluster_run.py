@@ -18,8 +18,8 @@ import psutil
 import ray
 from ray.cluster_utils import Cluster
 
-from pipeline.config import build_config
-from pipeline.runner import run_pipeline
+from featscope.core.config import build_config
+from featscope.pipeline.runner import run_pipeline
 
 
 def raylet_pid(node) -> int:

@@ -19,7 +19,7 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 def ray_session():
     import ray
 
-    from pipeline.runner import connect_ray
+    from featscope.pipeline.runner import connect_ray
 
     connect_ray(num_cpus=2)
     yield ray
@@ -29,8 +29,8 @@ def ray_session():
 @pytest.fixture(scope="session")
 def digits_run(ray_session, tmp_path_factory):
     """The embedded default (trained smallcnn on builtin:digits), run once for the session."""
-    from pipeline.config import build_config
-    from pipeline.runner import run_pipeline
+    from featscope.core.config import build_config
+    from featscope.pipeline.runner import run_pipeline
 
     out = tmp_path_factory.mktemp("digits") / "run"
     cfg = build_config(None, {"out": str(out)},

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.rundir import layer_dir
+from featscope.core.rundir import layer_dir
 
 CLASS_SIZES = (70, 55, 45, 40, 29, 1)
 LAYERS = {"conv": 6, "penultimate": 4}  # features layer -> dim
@@ -62,8 +62,8 @@ class Synthetic:
 
 
 def write_run(path: str, syn: Synthetic, k: int = K, shards: int = 2) -> str:
-    from stages.extract import features_schema
-    from stages.ingest import IMAGES_SCHEMA
+    from featscope.stages.extract import features_schema
+    from featscope.stages.ingest import IMAGES_SCHEMA
 
     os.makedirs(path, exist_ok=True)
     n = len(syn.ids)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import build_config
-from pipeline.rundir import RunDir, write_table_atomic
-from stages.extract import features_schema
+from featscope.core.config import build_config
+from featscope.core.rundir import RunDir, write_table_atomic
+from featscope.stages.extract import features_schema
 
 
 def clustered(n: int, d: int, centers: int = 50, noise: float = 0.3, seed: int = 0) -> np.ndarray:

@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import queries
-from pipeline.cli import main
-from pipeline.config import build_config
-from pipeline.rundir import RunDir
-from stages import analyze
+from featscope import queries
+from featscope.cli import main
+from featscope.core.config import build_config
+from featscope.core.rundir import RunDir
+from featscope.stages import analyze
 from tests.synthetic_measures import INDEX_LAYERS, Synthetic, write_run
 
 
@@ -72,7 +72,7 @@ def test_analyze_writes_every_measure_and_a_seeded_sample(run, syn):
 @pytest.fixture(scope="module")
 def random_digits_run(ray_session, tmp_path_factory):
     """The built-in CNN with random weights (train_epochs=0), same data, same layers."""
-    from pipeline.runner import run_pipeline
+    from featscope.pipeline.runner import run_pipeline
 
     out = tmp_path_factory.mktemp("digits-random") / "run"
     cfg = build_config(None, {"out": str(out)}, ["train_epochs=0", "perturb=[]"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.cli import main
+from featscope.cli import main
 
 
 @pytest.mark.parametrize("args,message", [
@@ -37,7 +37,7 @@ def test_unknown_config_key_in_yaml(tmp_path, capsys):
 
 
 def test_weights_state_dict_and_checkpoint(tmp_path):
-    from stages.models import build_model
+    from featscope.stages.models import build_model
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=7)

@@ -23,9 +23,9 @@ import psutil
 import pytest
 import yaml
 
-from pipeline.catalog import connect
-from pipeline.config import build_config
-from pipeline.runner import run_pipeline
+from featscope.core.catalog import connect
+from featscope.core.config import build_config
+from featscope.pipeline.runner import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 # 12 shards of 64 images, each shard a few hundred ms of work: long enough to be killed inside
@@ -81,7 +81,7 @@ def write_config(folder: Path, **extra) -> Path:
 
 
 def featscope_cmd(config: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "run", str(config), "--out", str(out), "--format", "json"]
+    return [sys.executable, "-m", "featscope.cli", "run", str(config), "--out", str(out), "--format", "json"]
 
 
 def child_env() -> dict:
@@ -128,7 +128,7 @@ def wait_for(predicate, what: str, limit: float = 300.0, proc: subprocess.Popen 
 
 def status(run: Path) -> dict[str, tuple]:
     """`featscope status RUN`: stage -> (status, shards, redone)."""
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", str(run), "--format", "json"],
+    done = subprocess.run([sys.executable, "-m", "featscope.cli", "status", str(run), "--format", "json"],
                           env=child_env(), capture_output=True, text=True, check=True)
     return {r["stage"]: (r["status"], r["shards"], r["redone"]) for r in json.loads(done.stdout)}
 

@@ -11,15 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.catalog import connect, write_catalog
-from pipeline.config import UserError, build_config
-from pipeline.rundir import RunDir, write_table_atomic
-from pipeline.runner import run_pipeline
-from queries import run_measure
-from stages import perturb
-from stages.images import decode_rgb
-from stages.models import build_model, preprocess_for
-from stages.twins import write_twins
+from featscope.core.catalog import connect, write_catalog
+from featscope.core.config import UserError, build_config
+from featscope.core.rundir import RunDir, write_table_atomic
+from featscope.pipeline.runner import run_pipeline
+from featscope.queries import run_measure
+from featscope.stages import perturb
+from featscope.stages.images import decode_rgb
+from featscope.stages.models import build_model, preprocess_for
+from featscope.stages.twins import write_twins
 
 VIEWS = ["noise=0", "shift=2", "noise=0.1"]
 
@@ -227,7 +227,7 @@ def test_bad_perturbations_are_user_errors():
             perturb.parse_view(spec)
     with pytest.raises(UserError, match="builtin:shapes"):
         build_and_prepare = build_config(None, {"perturb": ["background=1"]})
-        from pipeline.runner import Prepared
+        from featscope.pipeline.runner import Prepared
 
         Prepared(build_and_prepare)
 

@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.catalog import connect
-from pipeline.config import build_config
-from pipeline.runner import run_pipeline
-from stages.images import decode_rgb
-from stages.models import build_model, preprocess_for
+from featscope.core.catalog import connect
+from featscope.core.config import build_config
+from featscope.pipeline.runner import run_pipeline
+from featscope.stages.images import decode_rgb
+from featscope.stages.models import build_model, preprocess_for
 
 
 def _direct_forward(run_path, ids):
@@ -112,7 +112,7 @@ def test_resume_skips_finished_shards_and_redoes_missing_ones(ray_session, tmp_p
 
 
 def test_changed_config_refuses_to_mix_runs(ray_session, tmp_path):
-    from pipeline.config import UserError
+    from featscope.core.config import UserError
 
     out = tmp_path / "run"
     with warnings.catch_warnings():

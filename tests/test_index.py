@@ -7,8 +7,8 @@ import faiss
 import numpy as np
 import pytest
 
-from pipeline.progress import progress
-from stages import index
+from featscope.core.progress import progress
+from featscope.stages import index
 from tests.synthetic_runs import brute_force, clustered, config, make_run
 
 
@@ -58,7 +58,7 @@ def test_flat_cosine_returns_image_ids_and_resumes(tmp_path):
 
 
 def test_bad_factory_is_a_user_error(tmp_path):
-    from pipeline.config import UserError
+    from featscope.core.config import UserError
 
     run, _ = make_run(tmp_path / "run", clustered(300, 8, seed=7))
     with pytest.raises(UserError):

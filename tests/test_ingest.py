@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.catalog import connect
-from pipeline.config import build_config
-from pipeline.runner import run_pipeline
-from stages import builtin_data
-from stages.ingest import image_id
+from featscope.core.catalog import connect
+from featscope.core.config import build_config
+from featscope.pipeline.runner import run_pipeline
+from featscope.stages import builtin_data
+from featscope.stages.ingest import image_id
 
 from .imagegen import bad_images, convertible_images, encode, rgb, write
 

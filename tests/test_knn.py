@@ -5,9 +5,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import catalog
-from pipeline.progress import progress
-from stages import index, knn
+from featscope.core import catalog
+from featscope.core.progress import progress
+from featscope.stages import index, knn
 from tests.synthetic_runs import brute_force, clustered, config, make_run
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.config import UserError
-from stages.layers import FeatureExtractor, Traced, class_activation_map, head_weights, resolve_layers
-from stages.models import SmallCNN
+from featscope.core.config import UserError
+from featscope.stages.layers import FeatureExtractor, Traced, class_activation_map, head_weights, resolve_layers
+from featscope.stages.models import SmallCNN
 
 # family -> (conv node, penultimate node, CAM exact?)
 FAMILIES = {

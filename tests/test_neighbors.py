@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from pipeline import catalog
-from pipeline.cli import main
-from stages.builtin_data import digits_records
-from stages.ingest import image_id
-from stages.neighbors import COLUMNS, neighbors
+from featscope.core import catalog
+from featscope.cli import main
+from featscope.stages.builtin_data import digits_records
+from featscope.stages.ingest import image_id
+from featscope.stages.neighbors import COLUMNS, neighbors
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import warnings
 
 import pytest
 
-from pipeline.catalog import connect
-from pipeline.cli import main
-from pipeline.config import build_config
-from pipeline.runner import run_pipeline
+from featscope.core.catalog import connect
+from featscope.cli import main
+from featscope.core.config import build_config
+from featscope.pipeline.runner import run_pipeline
 
 from .imagegen import encode, rgb, write
 
@@ -150,8 +150,8 @@ def test_remote_run_files_appear_whole_and_a_bad_run_json_stops(s3, tmp_path, ca
 
     import pyarrow as pa
 
-    from pipeline import rundir
-    from pipeline.rundir import RunDir, exists, listdir, remove_stale_temporaries, write_table_atomic
+    from featscope.core import rundir
+    from featscope.core.rundir import RunDir, exists, listdir, remove_stale_temporaries, write_table_atomic
 
     run = RunDir(f"s3://featscope-test/my%20run?{s3}")
     run.write_meta({"fingerprint": "x"})

@@ -11,12 +11,12 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-import queries
-from pipeline import catalog
-from pipeline.cli import main
-from pipeline.config import UserError
-from pipeline.rundir import RunDir
-from stages.analyze import write_deep_knn
+from featscope import queries
+from featscope.core import catalog
+from featscope.cli import main
+from featscope.core.config import UserError
+from featscope.core.rundir import RunDir
+from featscope.stages.analyze import write_deep_knn
 from tests.synthetic_measures import INDEX_LAYERS, K, Synthetic, write_run
 
 SEED, PAIRS, TRIPLETS = 3, 20000, 20000
@@ -464,6 +464,6 @@ def test_compare_gives_the_figures_side_by_side_with_deltas(run, tmp_path, capsy
     agreement = [r for r in rows if r["figure"] == "agreement" and r["scope"] == "all"]
     assert len(agreement) == len(INDEX_LAYERS) and all(r["delta_noisier"] < 0 for r in agreement)
     with pytest.raises(UserError, match="lists images"):
-        from queries.compare import compare
+        from featscope.queries.compare import compare
 
         compare([run, other], "suspicious")

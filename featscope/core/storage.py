@@ -12,7 +12,7 @@ Only ingest reads SRC: it copies each image's bytes into the run's `images/` sha
 later stages read the run, never the source. RUN on such a URI is opened once per process
 (`RunDir`), which registers its root here: from then on the run's paths are plain URIs without
 the query (`s3://bucket/runs/a/images/part-00000.parquet`, what DuckDB reads too) and
-`resolve(path)` gives the filesystem and the path inside it (pipeline/rundir.py does the I/O).
+`resolve(path)` gives the filesystem and the path inside it (core/rundir.py does the I/O).
 """
 from __future__ import annotations
 

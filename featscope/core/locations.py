@@ -1,6 +1,6 @@
 """Local locations: a plain path or a `file://` URI naming a path on this machine.
 
-SRC and RUN may also be any pyarrow / fsspec URI (pipeline/storage.py opens those). A local
+SRC and RUN may also be any pyarrow / fsspec URI (core/storage.py opens those). A local
 path must name the same storage on every node of a cluster: a shared filesystem, or object
 storage mounted at the same path everywhere (s3fs / mountpoint-s3, gcsfuse, blobfuse2, rclone).
 """

@@ -25,7 +25,7 @@ METRICS = ("l2", "cosine")
 @dataclass
 class Config:
     data: str = "builtin:digits"
-    model: str = "smallcnn"
+    model: str = "smallcnn"  # smallcnn, a torchvision name, timm:NAME, package.module:factory (stages/models.py)
     weights: str | None = None
     layers: list[str] = field(default_factory=lambda: ["conv", "penultimate"])
     image_size: int | None = None  # None: the model's own (224 torchvision, 32 smallcnn)
@@ -84,7 +84,9 @@ class Config:
 
     @property
     def run_dir(self) -> str:
-        return self.out or os.path.join("runs", f"{self.dataset_name}-{self.model}")
+        # timm:resnet18 -> timm-resnet18, mypkg.nets:make -> mypkg.nets-make, object:Net -> object-Net
+        model = self.model.replace(":", "-").replace("/", "-")
+        return self.out or os.path.join("runs", f"{self.dataset_name}-{model}")
 
 
 _FIELDS = {f.name: f for f in fields(Config)}

@@ -8,8 +8,8 @@ import math
 import os
 import sys
 
-from .config import STAGES, UserError, build_config
-from .progress import set_quiet
+from .core.config import STAGES, UserError, build_config
+from .core.progress import set_quiet
 
 
 def _add_format(p: argparse.ArgumentParser) -> None:
@@ -24,7 +24,8 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the pipeline (no arguments: the embedded default, end to end)")
     r.add_argument("config", nargs="?", help="YAML config file")
     r.add_argument("--data", help="ImageFolder dir, Parquet file/folder, or builtin:digits / builtin:shapes")
-    r.add_argument("--model", help="smallcnn or a torchvision architecture name")
+    r.add_argument("--model", help="smallcnn, a torchvision architecture name, timm:NAME, or "
+                   "package.module:factory (your own network)")
     r.add_argument("--weights", help="local state_dict / checkpoint (loaded with weights_only=True)")
     r.add_argument("--layers", help="comma-separated: conv, conv:flat, conv:cam, penultimate, or node names")
     r.add_argument("--image-size", type=int, dest="image_size")
@@ -127,7 +128,7 @@ def cmd_run(a) -> int:
     overrides = {k: getattr(a, k) for k in ("data", "model", "weights", "layers", "image_size", "out", "k",
                                              "stages", "perturb", "overwrite")}
     cfg = build_config(a.config, overrides, a.set)
-    from .runner import run_pipeline
+    from .pipeline.runner import run_pipeline
 
     summary = run_pipeline(cfg, quiet=a.format == "json")
     if a.format == "json":
@@ -144,7 +145,7 @@ def cmd_run(a) -> int:
     if ing:
         print(f"{ing['rows']} images, {ing['errors'] + ext.get('errors', 0)} errors")
     if summary.get("analyze"):
-        from stages.analyze import continuity_rows, deep_note, summary_rows
+        from featscope.stages.analyze import continuity_rows, deep_note, summary_rows
 
         columns, rows = summary_rows(run)
         print("explanation continuity per layer (featscope query RUN layer_comparison for every figure):")
@@ -157,14 +158,14 @@ def cmd_run(a) -> int:
     print("query it:")
     print(f"  featscope sql {run} \"SELECT label_name, count(*) AS n, avg(prob) AS confidence "
           f"FROM images JOIN predictions USING (image_id) GROUP BY 1 ORDER BY 1\"")
-    from .rundir import RunDir
+    from .core.rundir import RunDir
 
     print(f"  duckdb -init {RunDir(run).p('catalog.sql')}")
     return 0
 
 
 def cmd_sql(a) -> int:
-    from .catalog import connect, read_only_query
+    from .core.catalog import connect, read_only_query
 
     con = connect(a.run)
     rel = read_only_query(con, a.query)
@@ -182,86 +183,38 @@ def cmd_train(a) -> int:
     overrides = {k: getattr(a, k) for k in ("data", "model", "image_size", "train_epochs", "train_lr",
                                              "train_batch_size")}
     cfg = build_config(None, overrides, a.set)
-    from stages import ingest, train
-    from stages.images import BadImage, validate
-    from stages.models import check_model_name
+    from .pipeline.runner import train_checkpoint
 
-    check_model_name(cfg.model)
-    plan = ingest.plan(cfg.data, cfg.shard_size)
-    records, errors = [], 0
-    index = {c: i for i, c in enumerate(plan.classes)}
-    for shard in plan.shards:
-        for rec in ingest._records(shard):
-            try:
-                if rec.get("error"):
-                    raise rec["error"]
-                data, _, _ = validate(rec["bytes"], cfg.max_image_pixels, cfg.min_image_side)
-            except BadImage:
-                errors += 1
-                continue
-            records.append({"image_id": ingest.image_id(rec["key"]), "bytes": data,
-                            "label": index[rec["label_name"]], "split": rec["split"]})
-    from .progress import progress
-
-    metrics = train.train_records(cfg.model, records, plan.classes, cfg, a.out, progress)
-    metrics.update({"checkpoint": os.path.abspath(a.out), "skipped_images": errors})
+    metrics = train_checkpoint(cfg, a.out)
     if a.format == "json":
         print(json.dumps(metrics))
     else:
         print(f"saved {a.out}: held-out accuracy {metrics['held_out_accuracy']:.4f} "
-              f"({metrics['train_images']} train / {metrics['held_out_images']} held-out, {errors} unusable images)")
+              f"({metrics['train_images']} train / {metrics['held_out_images']} held-out, "
+              f"{metrics['skipped_images']} unusable images)")
     return 0
 
 
 def cmd_status(a) -> int:
-    from .rundir import RunDir, join, listdir, read_json
+    from .pipeline.status import COLUMNS, status_rows
 
-    run = RunDir(a.run)
-    if not run.exists():
-        raise UserError(f"not a featscope run (no run.json): {a.run}")
-    meta = run.read_meta()
-    rows = []
-
-    def markers(folder: str) -> list[str]:
-        return [join(folder, n) for n in listdir(folder) if n.startswith("part-") and n.endswith(".json")]
-
-    for stage in STAGES:
-        # shard markers: stats/<stage>/part-*.json, or per layer stats/<stage>/<layer>/part-*.json (knn)
-        folder = run.p("stats", stage)
-        paths = markers(folder) + [p for n in listdir(folder) if not n.endswith(".json") and not n.startswith(".")
-                                   for p in markers(join(folder, n))]
-        stats = [s for s in map(read_json, paths) if s is not None]
-        info = meta.get("stages", {}).get(stage, {})
-        status = info.get("status", "partial" if stats else "not run")
-        # redone: shards computed by the last invocation (the rest were kept from an earlier one)
-        rows.append((stage, status, len(stats), info.get("redone"), sum(s.get("rows", 0) for s in stats),
-                     sum(s.get("errors", 0) for s in stats), round(sum(s.get("seconds", 0) for s in stats), 2)))
-    print_rows(["stage", "status", "shards", "redone", "rows", "errors", "seconds"], rows, a.format)
+    print_rows(COLUMNS, status_rows(a.run), a.format)
     return 0
 
 
 def cmd_query(a) -> int:
-    import duckdb
+    from . import queries
+    from .api import measure_table
 
-    import queries
-
-    from .catalog import connect
-    from .rundir import RunDir
-
-    queries.sql_path(a.measure)  # unknown measure: UserError before opening the run
-    con = connect(a.run, locked=True)
-    try:
-        rel = queries.relation(con, a.measure, queries.parse_params(a.param), RunDir(a.run).read_meta())
-        columns, rows = rel.columns, rel.fetchall()
-    except duckdb.Error as exc:
-        raise UserError(f"{a.measure}: SQL error: {str(exc).splitlines()[0]}") from None
+    # Python values as DuckDB gives them (HUGEINT sums stay ints, not Arrow decimals)
+    columns, rows = measure_table(a.run, a.measure, queries.parse_params(a.param), rows=True)
     print_rows(columns, rows, a.format)
     return 0
 
 
 def cmd_compare(a) -> int:
-    import queries
-    from queries.compare import compare
+    from featscope import queries
+    from featscope.queries.compare import compare
 
     columns, rows = compare(a.runs, a.measure, queries.parse_params(a.param))
     print_rows(columns, rows, a.format)
@@ -269,7 +222,7 @@ def cmd_compare(a) -> int:
 
 
 def cmd_neighbors(a) -> int:
-    from stages.neighbors import COLUMNS, neighbors
+    from featscope.stages.neighbors import COLUMNS, neighbors
 
     rows = neighbors(a.run, image_id=a.image_id, image_file=a.image_file, layer=a.layer, k=a.k)
     print_rows(COLUMNS, [tuple(r.get(c) for c in COLUMNS) for r in rows], a.format)

@@ -32,7 +32,7 @@ def layer_dir(layer: str) -> str:
 
 
 class RunDir:
-    """A run: a local directory, or a folder on any pyarrow / fsspec filesystem (pipeline/storage.py).
+    """A run: a local directory, or a folder on any pyarrow / fsspec filesystem (core/storage.py).
 
     `p(...)` names a file of the run: a local path, or for a remote run a URI without the query
     (`s3://bucket/runs/a/images/part-00000.parquet`); the functions below read and write either.

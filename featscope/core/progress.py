@@ -1,9 +1,10 @@
-"""Progress bars (tqdm on stderr), silenced for `--format json` and non-interactive callers."""
+"""Progress bars (tqdm.auto: a widget in Jupyter, text on stderr elsewhere), silenced for
+`--format json` and for `quiet=True` in the Python API."""
 from __future__ import annotations
 
 import sys
 
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 QUIET = False
 

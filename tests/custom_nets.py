@@ -1,0 +1,55 @@
+"""Networks a researcher might bring: defined here, outside featscope and torchvision.
+
+`make_net` is the `tests.custom_nets:make_net` factory of tests/test_own_models.py; `make_branchy`
+returns a network torch.fx cannot trace (its forward branches on a tensor's value).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """Two conv blocks, a global average pool and a linear head, written by hand."""
+
+    def __init__(self, num_classes: int = 12, width: int = 8):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean(dim=(2, 3)))
+
+    def reference(self, x):
+        """What featscope's layers must be, computed by hand: conv (GAP) and penultimate are both
+        the pooled map for a GAP + linear head."""
+        fmap = self.body(x)
+        return {"conv": fmap.mean(dim=(2, 3)), "penultimate": fmap.mean(dim=(2, 3)), "logits": self.forward(x),
+                "map": fmap}
+
+
+class Branchy(TinyNet):
+    """A forward that branches on a tensor's value: torch.fx cannot trace it."""
+
+    def forward(self, x):
+        fmap = self.body(x)
+        if fmap.sum() > 0:  # data-dependent control flow
+            fmap = fmap * 1.0
+        return self.head(fmap.mean(dim=(2, 3)))
+
+
+def make_net() -> nn.Module:
+    return TinyNet()
+
+
+def make_branchy() -> nn.Module:
+    return Branchy()
+
+
+def make_nothing():
+    return "not a module"
+
+
+def make_broken():
+    raise RuntimeError("out of coffee")
