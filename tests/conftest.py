@@ -26,16 +26,17 @@ def ray_session():
     ray.shutdown()
 
 
+DIGITS = {"train_epochs": 4, "perturb": ["noise=0.02", "noise=0.05", "noise=0.1", "noise=0.2", "shift=2"]}
+
+
 @pytest.fixture(scope="session")
 def digits_run(ray_session, tmp_path_factory):
-    """The embedded default (trained smallcnn on builtin:digits), run once for the session."""
-    from featscope.core.config import build_config
-    from featscope.pipeline.runner import run_pipeline
+    """The embedded default (trained smallcnn on builtin:digits), made once for the session through
+    the Python API (tests/test_api.py checks that `featscope run` makes the same tables)."""
+    import featscope
 
     out = tmp_path_factory.mktemp("digits") / "run"
-    cfg = build_config(None, {"out": str(out)},
-                       ["train_epochs=4", "perturb=[noise=0.02,noise=0.05,noise=0.1,noise=0.2,shift=2]"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run_pipeline(cfg, quiet=True)
+        featscope.run(out=str(out), quiet=True, **DIGITS)
     return str(out)
