@@ -4,13 +4,13 @@
 
 Ray is not needed to measure one replica: this builds the images shards with ingest's own
 shard function, then times, side by side in one process,
-  1. featscope's replica: stages.extract.ShardExtractor on device cuda (decode threads =
+  1. featscope's replica: featscope.stages.extract.ShardExtractor on device cuda (decode threads =
      --decode-threads, conv + penultimate + CAM maps written to Parquet, views included
      when --views is given);
   2. a plain PyTorch loop: DataLoader (num_workers = --decode-threads, pin_memory) decoding the
      same bytes with torchvision, forward on the GPU, logits copied back;
   3. pure forward: the model on a random on-device batch.
-It also checks the exact kNN search (stages.vectors.exact_search) on the GPU against the CPU.
+It also checks the exact kNN search (featscope.stages.vectors.exact_search) on the GPU against the CPU.
 Last line: one JSON object.
 """
 from __future__ import annotations

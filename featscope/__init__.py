@@ -39,7 +39,7 @@ def _version() -> str:
 
 __version__ = _version()
 _API = ("run", "open", "compare", "train", "Run")
-__all__ = ["UserError", "__version__", *_API]
+__all__ = ["UserError", "__version__", "run", "compare", "train", "Run"]  # not open: it would shadow the builtin
 
 
 def __getattr__(name: str):

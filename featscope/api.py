@@ -21,15 +21,16 @@ import pyarrow as pa
 
 from .core.config import UserError, build_config
 
-__all__ = ["Run", "run", "open", "compare", "train"]
+__all__ = ["Run", "run", "compare", "train"]  # and open, left out of * so it does not shadow the builtin
 
 
 def _model_arg(model) -> tuple[str | None, Any]:
     """`model=` -> (config name, nn.Module object or None).
 
-    A name stays a name. A callable that can be imported by its qualified name becomes
+    A name stays a name. A function that can be imported by its qualified name becomes
     `module:qualname` (rebuilt on every Ray worker, recorded in run.json); any other callable (a
-    lambda, a function of a notebook) is called once here and treated as the object it returns.
+    lambda, a function of a notebook, a partial, a bound method) is called once here, under the
+    fixed seed every model without weights is built with, and treated as the object it returns.
     """
     if model is None or isinstance(model, str):
         return model, None
@@ -37,18 +38,35 @@ def _model_arg(model) -> tuple[str | None, Any]:
 
     if isinstance(model, torch.nn.Module):
         return f"object:{type(model).__name__}", model
-    if callable(model):
-        mod, qual = getattr(model, "__module__", None), getattr(model, "__qualname__", "")
-        if mod and mod != "__main__" and "<" not in qual:
-            return f"{mod}:{qual}", None
+    if not callable(model):
+        raise UserError(f"model must be a name, an nn.Module or a callable returning one, not {type(model).__name__}")
+    if _importable(model):
+        return f"{model.__module__}:{model.__qualname__}", None
+    what = getattr(model, "__qualname__", None) or type(model).__name__
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the same network every time the same notebook cell runs
         try:
             obj = model()
         except Exception as exc:  # noqa: BLE001 - the user's code
-            raise UserError(f"model factory {qual or model!r} raised {type(exc).__name__}: {exc}") from None
-        if not isinstance(obj, torch.nn.Module):
-            raise UserError(f"model factory {qual or model!r} returned {type(obj).__name__}, not a torch nn.Module")
-        return f"object:{type(obj).__name__}", obj
-    raise UserError(f"model must be a name, an nn.Module or a callable returning one, not {type(model).__name__}")
+            text = str(exc).strip().splitlines()
+            raise UserError(f"model factory {what} raised {type(exc).__name__}"
+                            f"{': ' + text[0] if text else ''}") from None
+    if not isinstance(obj, torch.nn.Module):
+        raise UserError(f"model factory {what} returned {type(obj).__name__}, not a torch nn.Module")
+    return f"object:{type(obj).__name__}", obj
+
+
+def _importable(fn) -> bool:
+    """Whether `module:qualname` names this very function (what a Ray worker would import)."""
+    import sys
+
+    mod, qual = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if not mod or not qual or mod == "__main__" or "<" in qual or mod not in sys.modules:
+        return False
+    obj = sys.modules[mod]
+    for part in qual.split("."):
+        obj = getattr(obj, part, None)
+    return obj is fn  # a bound method or a partial names something else: called here instead
 
 
 def _config(config_file, named: dict, keys: dict):
@@ -76,8 +94,12 @@ def run(data: str | None = None, model=None, layers=None, out: str | None = None
 
 def open(path: str, model=None) -> "Run":  # noqa: A001 - featscope.open(RUN) reads as intended
     """A finished (or partly finished) run. `model`: the nn.Module a run made from an object was
-    made with, needed only to embed new images (`neighbors(image=...)`)."""
-    return Run(path, model=model)
+    made with (or a callable returning it), needed only to embed new images (`neighbors(image=...)`)."""
+    _, module = _model_arg(model) if model is not None and not isinstance(model, str) else (None, None)
+    if isinstance(model, str):
+        raise UserError("featscope.open(model=...) takes the nn.Module a run was made from; a named model "
+                        "is rebuilt from run.json")
+    return Run(path, model=module)
 
 
 def compare(*runs, measure: str = "layer_comparison", **params) -> pa.Table:
@@ -249,7 +271,10 @@ class Run:
         cfg, ds = meta.get("config", {}), meta.get("dataset", {})
         stages = meta.get("stages", {})
         done = [s for s, info in stages.items() if info.get("status") == "done"]
-        rows = [("run", self.path), ("model", cfg.get("model")), ("weights", cfg.get("weights") or "none (seeded)"),
+        kind = (meta.get("model") or {}).get("kind")
+        weights = cfg.get("weights") or ("trained on the spot (model/)" if "train" in done else
+                                         "the given nn.Module's" if kind == "object" else "none (seeded)")
+        rows = [("run", self.path), ("model", cfg.get("model")), ("weights", weights),
                 ("data", ds.get("source")), ("images", (stages.get("ingest") or {}).get("rows")),
                 ("classes", len(ds.get("classes") or [])), ("layers", ", ".join(self.layers)),
                 ("views", ", ".join(["orig"] + list(meta.get("views", [])))), ("stages done", ", ".join(done))]

@@ -123,6 +123,25 @@ class Prepared:
             from featscope.stages.models import state_sha256
 
             self.model_sha256 = state_sha256(model)
+        if self.kind == "factory" and not cfg.weights:
+            # every worker builds its own copy: a factory that gives another network each call would
+            # give every replica another network
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                again, _ = build_model(cfg.model, None, cfg.num_classes or len(self.classes), None, self.search_path)
+            if state_sha256(again) != self.model_sha256:
+                raise UserError(f"model '{cfg.model}': the factory builds a different network on each call "
+                                f"(under the same seed); make it deterministic or give --weights")
+        if self.kind == "object":
+            self.module = model  # the CPU copy (weights applied) is what the replicas get
+            import ray.cloudpickle
+
+            try:
+                ray.cloudpickle.dumps(model)
+            except Exception as exc:  # noqa: BLE001 - whatever pickling the user's class raises
+                raise UserError(f"the nn.Module {type(model).__name__} cannot be sent to Ray workers "
+                                f"(pickling failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                                f"define it in an importable module and pass package.module:factory") from None
         self.info = info
         self.pre = preprocess_for(cfg, info)
         traced = trace(model, self.pre.image_size)
@@ -241,7 +260,7 @@ def _model_spec(prep: Prepared) -> dict:
             raise UserError(f"stage 'extract' needs the trained checkpoint {weights}: run the 'train' stage first")
     spec = {"model": cfg.model, "weights": weights, "num_classes": cfg.num_classes or len(prep.classes),
             "layers": [layer.to_dict() for layer in prep.layers], "device": cfg.device, "cfg": cfg.to_dict(),
-            "views": prep.views, "search_path": prep.search_path}
+            "views": prep.views, "search_path": prep.search_path, "model_sha256": prep.model_sha256}
     if prep.module is not None:
         import ray
 

@@ -25,6 +25,7 @@ from featscope.core.rundir import AtomicParquetWriter, RunDir, layer_dir, read_t
 from .ingest import ERRORS_SCHEMA
 
 CAM_LAYER = "conv"  # maps/conv/ holds the CAM heatmaps of the `conv` alias's node
+MODEL_MISMATCH = "featscope-model-mismatch:"  # a replica's refusal, turned into one UserError line on the driver
 
 
 def features_schema(dim: int) -> pa.Schema:
@@ -70,6 +71,13 @@ class ShardExtractor:
 
             module = ray.get(spec["module_ref"])
         model, info = build_model(spec["model"], spec["weights"], spec["num_classes"], module, spec.get("search_path"))
+        if spec.get("model_sha256") and module is None:
+            from .models import state_sha256
+
+            # the user's code or a timm release on this node could build another network than the driver's
+            if state_sha256(model) != spec["model_sha256"]:
+                raise RuntimeError(f"{MODEL_MISMATCH} {spec['model']} on this worker is not the network the "
+                                   f"driver built (another version of its module or of timm here?)")
         self.device = pick_device(spec["device"])
         self.pre = preprocess_for(_Cfg(cfg), info).to(self.device)
         traced = trace(model, self.pre.image_size)
@@ -299,8 +307,16 @@ def run(run_dir: RunDir, cfg, spec: dict, n_shards: int, progress) -> dict:
         # names with the same content, so every row exists once.
         ds = ds.map_batches(ShardExtractor, fn_constructor_args=(run_dir.path, spec), batch_size=1,
                             compute=ray.data.ActorPoolStrategy(size=replicas), **remote)
-        for _ in progress(ds.iter_rows(), "extract", n_shards - len(todo), n_shards):
-            pass
+        try:
+            for _ in progress(ds.iter_rows(), "extract", n_shards - len(todo), n_shards):
+                pass
+        except Exception as exc:  # noqa: BLE001 - Ray wraps a replica's error in its own types
+            text = str(exc)
+            if MODEL_MISMATCH not in text:
+                raise
+            from featscope.core.config import UserError
+
+            raise UserError(text[text.index(MODEL_MISMATCH) + len(MODEL_MISMATCH):].splitlines()[0].strip()) from None
     stats = run_dir.read_stats("extract")
     return {"shards": len(stats), "redone": len(todo), "rows": sum(s["rows"] for s in stats),
             "errors": sum(s["errors"] for s in stats), "seconds": sum(s["seconds"] for s in stats)}

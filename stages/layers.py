@@ -267,10 +267,11 @@ class Hooked:
     def __init__(self, model: nn.Module, image_size: int, trace_error: str):
         self.model, self.trace_error = model.eval(), trace_error
         self.modules = dict(model.named_modules())
-        order, shapes = [], {}
+        order, shapes, calls = [], {}, {}
 
         def record(name):
             def hook(mod, args, out):
+                calls[name] = calls.get(name, 0) + 1
                 if isinstance(out, torch.Tensor):
                     shapes.setdefault(name, tuple(out.shape))
                     order.append(name)
@@ -287,12 +288,14 @@ class Hooked:
         finally:
             for h in handles:
                 h.remove()
-        self._shapes = shapes
+        self._shapes, self.calls = shapes, calls
         self.names = {n: n for n in dict.fromkeys(order)} | {n: n for n in shapes if n.endswith(":input")}
         self.by_name = self.names
         linears = [n for n in order if isinstance(self.modules[n], nn.Linear)]
         self.linear = linears[-1] if linears else None
         self.final_linear_name = self.linear
+        if self.linear is not None and calls[self.linear] > 1:
+            self.linear = None  # its input is not one vector per image: no penultimate (resolve_layers says so)
 
     @property
     def penultimate(self) -> str:
@@ -303,6 +306,11 @@ class Hooked:
 
     def find(self, query: str) -> str:
         if query in self.names:
+            runs = self.calls.get(query.partition(":")[0], 1)
+            if runs > 1:  # a hook sees every call: which output is "the" layer is not defined
+                raise UserError(f"layer '{query}': module '{query.partition(':')[0]}' runs {runs} times per "
+                                f"forward ({self.trace_error}, so layers come from module hooks); name a module "
+                                f"that runs once")
             return query
         sample = ", ".join([n for n in self.names if not n.endswith(":input")][-6:])
         raise UserError(f"unknown layer '{query}': {self.trace_error}, so layers are module names here "
@@ -320,10 +328,11 @@ class HookedExtractor(nn.Module):
         for name in self.names:
             module_name, _, part = name.partition(":")
             mod = hooked.modules[module_name]
+            # copies: a later in-place op (ReLU(inplace=True), +=) would change the tensor the hook saw
             if part == "input":
-                mod.register_forward_pre_hook(lambda m, args, name=name: self.outs.__setitem__(name, args[0]))
+                mod.register_forward_pre_hook(lambda m, args, name=name: self.outs.__setitem__(name, args[0].clone()))
             else:
-                mod.register_forward_hook(lambda m, args, out, name=name: self.outs.__setitem__(name, out))
+                mod.register_forward_hook(lambda m, args, out, name=name: self.outs.__setitem__(name, out.clone()))
 
     def forward(self, x):
         self.outs = {}

@@ -109,7 +109,7 @@ def _timm():
     try:
         import timm
     except ImportError:
-        raise UserError("timm: models need timm installed: pip install 'featscope[timm]'") from None
+        raise UserError("timm: models need timm installed: pip install timm (the featscope[timm] extra)") from None
     return timm
 
 
@@ -186,8 +186,10 @@ def build_model(name: str, weights: str | None = None, num_classes: int | None =
     `module`: the nn.Module of an `object:` model (a copy is used, the caller's is not touched);
     `paths`: where a factory's module is searched (the driver's search_path(), sent to workers).
     """
-    if weights or module is not None:
+    if weights:
         return _build_model(name, weights, num_classes, module, paths)
+    if model_kind(name) == "factory":
+        import_factory(name, paths)  # a module's own import-time randomness stays outside the seeded block
     # a randomly initialised model is seeded: every replica, retried shard and rerun builds the same one
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -205,7 +207,8 @@ def _build_model(name: str, weights: str | None, num_classes: int | None, module
     if kind in ("factory", "object"):
         import copy
 
-        model = _from_factory(name, paths) if kind == "factory" else copy.deepcopy(module)
+        # an object's copy on the CPU: tracing probes with CPU inputs, and workers may have no GPU
+        model = _from_factory(name, paths) if kind == "factory" else copy.deepcopy(module).cpu()
         # the user's network: its own head and input size; ImageNet statistics unless the config says
         # otherwise (image_size, resize, mean, std); a timm-made network brings its pretrained_cfg
         info = _info_from_cfg(name, getattr(model, "pretrained_cfg", None)) or \

@@ -103,7 +103,7 @@ def embed_file(run: RunDir, meta: dict, features: str, image, module=None) -> np
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, _ = build_model(cfg["model"], weights, cfg.get("num_classes") or len(meta["dataset"]["classes"]),
-                               module, (meta.get("model") or {}).get("search_path"))
+                               module if kind == "object" else None, (meta.get("model") or {}).get("search_path"))
     recorded = (meta.get("model") or {}).get("sha256")
     if kind in ("factory", "object", "timm") and recorded and state_sha256(model) != recorded:
         raise UserError(f"the model built now for {cfg['model']} is not the one the run was made with "

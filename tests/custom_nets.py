@@ -1,7 +1,8 @@
 """Networks a researcher might bring: defined here, outside featscope and torchvision.
 
 `make_net` is the `tests.custom_nets:make_net` factory of tests/test_own_models.py; `make_branchy`
-returns a network torch.fx cannot trace (its forward branches on a tensor's value).
+and `make_shared_act` return networks torch.fx cannot trace (their forward branches on a tensor's
+value).
 """
 from __future__ import annotations
 
@@ -39,12 +40,48 @@ class Branchy(TinyNet):
         return self.head(fmap.mean(dim=(2, 3)))
 
 
+class SharedAct(Branchy):
+    """Untraceable too, with what hooks get wrong if they are careless: one ReLU module called twice,
+    and an in-place ReLU that overwrites the output of `proj` after its hook has run."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(16, 16, 1)  # outputs of both signs
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        fmap = self.act(self.proj(self.body(x)))
+        if fmap.sum() > 0:
+            fmap = fmap * 1.0
+        return self.head(self.act(fmap - 0.1).mean(dim=(2, 3)))
+
+    def reference(self, x):
+        proj = self.proj(self.body(x))
+        return {"proj": proj.mean(dim=(2, 3)), "penultimate": torch.relu(torch.relu(proj) - 0.1).mean(dim=(2, 3))}
+
+
+def make_shared_act() -> nn.Module:
+    return SharedAct()
+
+
 def make_net() -> nn.Module:
     return TinyNet()
 
 
 def make_branchy() -> nn.Module:
     return Branchy()
+
+
+_calls = [0]
+
+
+def make_random() -> nn.Module:
+    """A factory that ignores the seed: another network on every call."""
+    _calls[0] += 1
+    net = TinyNet()
+    with torch.no_grad():
+        net.head.bias.fill_(float(_calls[0]))
+    return net
 
 
 def make_nothing():

@@ -19,6 +19,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import yaml
@@ -232,7 +233,7 @@ TINY = {"data": "builtin:shapes?n=240&size=32", "train_epochs": 1, "shard_size":
         "deep_k": 50, "continuity_queries": 100}
 
 
-def test_ray_job_submit_to_a_loopback_head(tmp_path):
+def test_ray_job_submit_to_a_loopback_head(ray_session, tmp_path):
     import secrets
 
     port, dash, agent, client = free_port(), free_port(), free_port(), free_port()
@@ -249,20 +250,29 @@ def test_ray_job_submit_to_a_loopback_head(tmp_path):
     work = tmp_path / "job"
     write_config(work, **{k: v for k, v in TINY.items()}, stages=None)
     out = tmp_path / "run"
+    # the user's own network, in a module of the job's working directory: the job ships it
+    own = tmp_path / "own-job"
+    write_config(own, **{**TINY, "model": "mynets:make_net", "image_size": 32, "stages": ["ingest", "extract"]})
+    shutil.copy(ROOT / "tests" / "custom_nets.py", own / "mynets.py")
+    own_out = tmp_path / "own-run"
     try:
-        submit = ["ray", "job", "submit", "--address", address, "--working-dir", str(work), "--",
-                  "featscope", "run", "config.yaml", "--out", str(out)]
+        def submit(folder: Path, target: Path):
+            cmd = ["ray", "job", "submit", "--address", address, "--working-dir", str(folder), "--",
+                   "featscope", "run", "config.yaml", "--out", str(target)]
 
-        def submitted():
-            # the job server answers before its agent has registered; a refused submission ran nothing
-            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
-            refused = job.returncode != 0 and ("No available agent" in job.stderr or "Connection" in job.stderr
-                                               and "Job '" not in job.stdout + job.stderr)
-            return None if refused else job
+            def submitted():
+                # the job server answers before its agent has registered; a refused submission ran nothing
+                job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+                refused = job.returncode != 0 and ("No available agent" in job.stderr or "Connection" in job.stderr
+                                                   and "Job '" not in job.stdout + job.stderr)
+                return None if refused else job
 
-        job = wait_for(submitted, "a job server that accepts the job", proc=head)
-        assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
-        assert "succeeded" in job.stdout + job.stderr
+            job = wait_for(submitted, "a job server that accepts the job", proc=head)
+            assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
+            assert "succeeded" in job.stdout + job.stderr
+
+        submit(work, out)
+        submit(own, own_out)
     finally:
         started = family(head)
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops its own processes on SIGTERM
@@ -282,6 +292,18 @@ def test_ray_job_submit_to_a_loopback_head(tmp_path):
         (layer, view, 240) for layer in ("conv", "penultimate") for view in ("noise:0.05", "orig")]
     assert rows(run, "SELECT layer, count(DISTINCT query_id), count(*) FROM knn GROUP BY 1 ORDER BY 1") == [
         ("conv", 240, 2400), ("penultimate", 240, 2400)]
+    # the shipped factory built the same (seeded) network as the test module's own factory does here
+    own_meta = json.loads((own_out / "run.json").read_text())
+    assert own_meta["model"]["kind"] == "factory" and own_meta["ray"]["address"].endswith(f":{port}")
+    import featscope
+
+    here = featscope.run(TINY["data"], "tests.custom_nets:make_net", ["conv", "penultimate"], str(tmp_path / "here"),
+                         image_size=32, shard_size=TINY["shard_size"], perturb=TINY["perturb"],
+                         stages=["ingest", "extract"], quiet=True)
+    assert own_meta["model"]["sha256"] == here.meta["model"]["sha256"]
+    for layer in ("conv", "penultimate"):
+        np.testing.assert_allclose(featscope.open(str(own_out)).embeddings(layer)[1], here.embeddings(layer)[1],
+                                   atol=1e-6)
 
 
 # ---- two nodes on one machine ------------------------------------------------------------------

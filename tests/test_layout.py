@@ -3,6 +3,7 @@ featscope/core/ (docs/ARCHITECTURE.md). A lower folder importing a higher one fa
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,8 +23,11 @@ def imported(path: Path, folder: str) -> set[str]:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: its own package (or, from two dots up, the one above)
-                out.add(PACKAGE[folder] if node.level == 1 else "featscope")
+            if node.level == 1:  # relative: its own package
+                out.add(PACKAGE[folder])
+                continue
+            if node.level > 1:  # from .. (featscope itself): `from ..core import x`, `from .. import api`
+                out.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
                 continue
             names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
         for name in names:
@@ -62,5 +66,18 @@ def test_imports_run_one_way():
 def test_the_check_sees_a_wrong_import(tmp_path):
     wrong = tmp_path / "x.py"
     wrong.write_text("from featscope.pipeline.runner import run_pipeline\nimport stages.extract\n"
-                     "from featscope import api\n")
-    assert imported(wrong, "stages") == {"featscope", "api", "pipeline", "top-level stages"}
+                     "from featscope import api\nfrom .. import cli\nfrom ..core import rundir\n")
+    assert imported(wrong, "stages") == {"featscope", "api", "cli", "core", "pipeline", "top-level stages"}
+
+
+OLD = re.compile(r"^\s*(from|import) (pipeline|stages|queries)\b|python -m (pipeline|stages|queries)\b|"
+                 r"from (pipeline|stages|queries)\.\w+ import", re.M)
+
+
+def test_no_old_top_level_names_anywhere():
+    """tests/, benchmarks/ and the docs use featscope.X too: the old names import nothing once installed."""
+    files = [p for d in ("tests", "benchmarks", "featscope", "pipeline", "stages", "queries", "docs")
+             for p in (ROOT / d).rglob("*") if p.suffix in (".py", ".md", ".sql")] + [ROOT / "README.md"]
+    bad = [f"{p.relative_to(ROOT)}: {m.group(0).strip()}" for p in files if p.name != "test_layout.py"
+           for m in OLD.finditer(p.read_text())]
+    assert not bad, "\n".join(bad)

@@ -113,12 +113,34 @@ def test_untraceable_network_works_through_hooks_where_it_can(ray_session, tmp_p
     assert {l["node"] for l in run.meta["layers"]} == {"head:input", "body"}
 
 
+def test_hooks_copy_outputs_and_refuse_modules_that_run_twice():
+    from featscope.stages.layers import extractor_for, pool, resolve_layers, trace
+    from tests.custom_nets import make_shared_act
+
+    net = seeded(make_shared_act)
+    traced = trace(net, 32)
+    assert traced.trace_error
+    with pytest.raises(UserError, match="module 'act' runs 2 times per forward"):
+        resolve_layers(traced, ["act"])
+    layers = resolve_layers(traced, ["proj", "penultimate"])
+    torch.manual_seed(3)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        outs = extractor_for(traced, [l.node for l in layers])(x)
+        ref = net.reference(x)
+    got = {l.name: pool(outs[l.node], l.pooling) for l in layers}
+    assert (got["proj"] < 0).any()  # not overwritten by the in-place ReLU after it
+    torch.testing.assert_close(got["proj"], ref["proj"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["penultimate"], ref["penultimate"], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("model, message", [
     ("no_such_package.nets:make", "cannot import no_such_package.nets: ModuleNotFoundError"),
     ("tests.custom_nets:make_broken", "the factory raised RuntimeError: out of coffee"),
     ("tests.custom_nets:make_nothing", "the factory returned str, not a torch nn.Module"),
     ("tests.custom_nets:missing", "tests.custom_nets has no attribute 'missing'"),
     ("tests.custom_nets:make_branchy", "layer 'conv' is unavailable"),
+    ("tests.custom_nets:make_random", "the factory builds a different network on each call"),
     ("timm:no_such_net", "unknown timm model 'no_such_net'"),
     ("not a model", "unknown model 'not a model'"),
 ])
@@ -136,7 +158,7 @@ def test_timm_model_without_timm_installed_is_one_line(tmp_path):
             f"sys.exit(main(['run', '--data', '{DATA}', '--model', 'timm:resnet18', '--out', r'{tmp_path / 'r'}']))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.strip() == \
-        "featscope: error: timm: models need timm installed: pip install 'featscope[timm]'"
+        "featscope: error: timm: models need timm installed: pip install timm (the featscope[timm] extra)"
     assert not (tmp_path / "r").exists()
 
 
@@ -194,3 +216,25 @@ def test_torchvision_seeded_model_neighbors_by_image(ray_session, tmp_path, caps
     run.images([ids[7]])[0].save(query)
     assert main(["neighbors", run.path, "--image", str(query), "--k", "1", "--format", "csv"]) == 0
     assert capsys.readouterr().out.splitlines()[1].split(",")[1] == str(ids[7])
+
+
+def test_model_argument_forms():
+    """A name stays a name; an importable function becomes module:qualname (rebuilt on each worker);
+    a lambda or a notebook function is called once and shipped as the object it returns."""
+    from featscope.api import _model_arg
+
+    assert _model_arg("timm:resnet18") == ("timm:resnet18", None)
+    assert _model_arg(make_net) == ("tests.custom_nets:make_net", None)
+    name, obj = _model_arg(lambda: TinyNet(3))
+    assert name == "object:TinyNet" and isinstance(obj, TinyNet) and obj.head.out_features == 3
+    # called under the fixed seed: the same network each time (a rerun of the notebook cell resumes)
+    assert torch.equal(_model_arg(lambda: TinyNet(3))[1].head.weight, obj.head.weight)
+    import functools
+
+    assert _model_arg(functools.partial(TinyNet, 4))[0] == "object:TinyNet"  # not "functools:"
+    net = TinyNet()
+    assert _model_arg(net) == ("object:TinyNet", net)
+    with pytest.raises(UserError, match="returned int, not a torch nn.Module"):
+        _model_arg(lambda: 3)
+    with pytest.raises(UserError, match="model must be a name, an nn.Module or a callable"):
+        _model_arg(3.5)
