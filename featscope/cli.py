@@ -42,14 +42,24 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("query")
     _add_format(s)
 
-    t = sub.add_parser("train", help="train a model with cross-entropy and save a checkpoint")
+    t = sub.add_parser("train", help="train a model (cross-entropy, plus a metric term) and save a checkpoint")
     t.add_argument("--data", required=True)
     t.add_argument("--model", required=True)
     t.add_argument("--out", required=True, help="checkpoint file to write")
+    t.add_argument("--weights", help="start from this state_dict / checkpoint (fine-tuning)")
     t.add_argument("--image-size", type=int, dest="image_size")
     t.add_argument("--epochs", type=int, dest="train_epochs")
     t.add_argument("--lr", type=float, dest="train_lr")
     t.add_argument("--batch-size", type=int, dest="train_batch_size")
+    t.add_argument("--term", dest="train_term", help="none (default), triplet, semihard, softmargin or supcon")
+    t.add_argument("--lambda", type=float, dest="train_lambda", help="weight of the term (default 1)")
+    t.add_argument("--margin", type=float, dest="train_margin", help="triplet margin on L2-normalised features")
+    t.add_argument("--miner", dest="train_miner", help="auto, batch-hard, semihard or all")
+    t.add_argument("--on", dest="train_on", help="conv (default), conv:cam, conv:flat or penultimate")
+    t.add_argument("--positive-views", dest="train_positive_views", help="e.g. noise=0.05,shift=2")
+    t.add_argument("--warmup-epochs", type=int, dest="train_warmup_epochs")
+    t.add_argument("--pk", dest="train_pk", help="P,K: P classes x K images per batch")
+    t.add_argument("--workers", type=int, dest="train_workers", help="Ray Train workers (DDP); default 1")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     _add_format(t)
 
@@ -180,8 +190,10 @@ def cmd_sql(a) -> int:
 
 
 def cmd_train(a) -> int:
-    overrides = {k: getattr(a, k) for k in ("data", "model", "image_size", "train_epochs", "train_lr",
-                                             "train_batch_size")}
+    overrides = {k: getattr(a, k) for k in ("data", "model", "weights", "image_size", "train_epochs", "train_lr",
+                                             "train_batch_size", "train_term", "train_lambda", "train_margin",
+                                             "train_miner", "train_on", "train_positive_views",
+                                             "train_warmup_epochs", "train_pk", "train_workers")}
     cfg = build_config(None, overrides, a.set)
     from .pipeline.runner import train_checkpoint
 

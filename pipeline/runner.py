@@ -18,7 +18,9 @@ from featscope.core.rundir import RunDir, exists, remove_stale_temporaries
 # config keys whose change makes existing ingest/extract output wrong for this run
 _FINGERPRINT_KEYS = ("data", "model", "weights", "layers", "image_size", "resize", "mean", "std", "shard_size",
                      "max_image_pixels", "min_image_side", "save_maps", "perturb", "num_classes",
-                     "train_epochs", "train_lr", "train_batch_size", "seed")
+                     "train_epochs", "train_lr", "train_batch_size", "train_term", "train_lambda", "train_margin",
+                     "train_miner", "train_on", "train_positive_views", "train_warmup_epochs", "train_pk",
+                     "train_workers", "seed")
 
 
 def versions() -> dict:
@@ -152,6 +154,10 @@ class Prepared:
         self.views = list(dict.fromkeys(perturb.view_name(v) for v in cfg.perturb))
         perturb.check_source(cfg.data, self.views)
         self.cam_available = traced.cam_ok
+        if self.needs_training:
+            from featscope.stages.train import check_training
+
+            check_training(cfg, traced, None, self.classes)
         self.run = RunDir(cfg.run_dir)
         if not cfg.weights and not self.needs_training and self.kind != "object":  # said once every check passed
             say(f"warning: {cfg.model} has no --weights: it is randomly initialised (seeded)")
@@ -276,7 +282,11 @@ def train_checkpoint(cfg: Config, out: str) -> dict:
     from featscope.stages.models import check_model_name
 
     check_model_name(cfg.model)
+    if cfg.weights and not os.path.isfile(cfg.weights):
+        raise UserError(f"weights file not found: {cfg.weights}")
     plan = ingest.plan(cfg.data, cfg.shard_size)
+    if cfg.train_workers > 1:
+        connect_ray()  # Ray Train's workers
     records, errors = [], 0
     index = {c: i for i, c in enumerate(plan.classes)}
     for shard in plan.shards:
@@ -290,6 +300,6 @@ def train_checkpoint(cfg: Config, out: str) -> dict:
                 continue
             records.append({"image_id": ingest.image_id(rec["key"]), "bytes": data,
                             "label": index[rec["label_name"]], "split": rec["split"]})
-    metrics = train.train_records(cfg.model, records, plan.classes, cfg, out, progress)
+    metrics = train.train_records(cfg.model, records, plan.classes, cfg, out, progress, weights=cfg.weights, log=say)
     metrics.update({"checkpoint": os.path.abspath(out), "skipped_images": errors})
     return metrics

@@ -230,6 +230,8 @@ class Traced:
 
     def _gap_linear_head(self) -> bool:
         node = self.linear.args[0]
+        if self.shape(node)[-1:] != self.shape(self.conv)[1:2]:
+            return False  # the classifier reads more than one value per channel (a flattened map): no GAP
         while node is not self.conv:
             if not isinstance(node, fx.Node) or not _allowed_for_cam(self.gm, node):
                 return False

@@ -72,6 +72,32 @@ def make_branchy() -> nn.Module:
     return Branchy()
 
 
+class FlatHead(TinyNet):
+    """A linear head on the flattened map (no global pooling): no CAM."""
+
+    def __init__(self, num_classes: int = 12, width: int = 8, size: int = 32):
+        super().__init__(num_classes, width)
+        self.head = nn.Linear(2 * width * (size // 2) ** 2, num_classes)
+
+    def forward(self, x):
+        return self.head(torch.flatten(self.body(x), 1))
+
+
+class Constant(TinyNet):
+    """Features that are the same for every image: what a collapsed embedding looks like."""
+
+    def forward(self, x):
+        return self.head(self.body(x).mean(dim=(2, 3)) * 0.0)
+
+
+def make_flat_head() -> nn.Module:
+    return FlatHead()
+
+
+def make_constant() -> nn.Module:
+    return Constant()
+
+
 _calls = [0]
 
 

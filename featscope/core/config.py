@@ -67,6 +67,18 @@ class Config:
     train_epochs: int = 8
     train_lr: float = 3e-3
     train_batch_size: int = 64
+    # the metric term (stages/train_terms.py): loss = cross-entropy + train_lambda * term; none: plain CE
+    train_term: str = "none"  # none | triplet | semihard | softmargin | supcon
+    train_lambda: float = 1.0
+    train_margin: float = 0.2  # on L2-normalised embeddings
+    train_miner: str = "auto"  # auto (the term's own) | batch-hard | semihard | all
+    train_on: str = "conv"  # conv | conv:cam | conv:flat | penultimate
+    train_positive_views: list[str] = field(default_factory=list)  # e.g. [noise=0.05, shift=2]: extra positives
+    train_warmup_epochs: int = 4  # cross-entropy only, then lambda ramped in over one epoch (batch-hard
+    #                                 mining from the first epoch hurt on builtin:shapes: benchmarks/RESULTS.md)
+    train_pk: str | None = None  # "P,K": P classes x K images per batch; None: P x K when a plain batch
+    #                              would hold fewer than 4 images per class (K = 4), else plain batches
+    train_workers: int = 1  # Ray Train workers (DDP); 1: in this process
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -177,3 +189,25 @@ def validate(cfg: Config) -> None:
         raise UserError("at least one layer is needed")
     if cfg.deep_queries < 1 or cfg.deep_k < 1:
         raise UserError("deep_queries and deep_k must be positive")
+    validate_training(cfg)
+
+
+def validate_training(cfg: Config) -> None:
+    from_terms = ("none", "triplet", "semihard", "softmargin", "supcon")
+    if cfg.train_term not in from_terms:
+        raise UserError(f"unknown train term '{cfg.train_term}' (terms: {', '.join(from_terms)})")
+    if cfg.train_miner not in ("auto", "batch-hard", "semihard", "all"):
+        raise UserError(f"unknown train miner '{cfg.train_miner}' (auto, batch-hard, semihard, all)")
+    if cfg.train_on not in ("conv", "conv:cam", "conv:flat", "penultimate"):
+        raise UserError(f"unknown train_on '{cfg.train_on}' (conv, conv:cam, conv:flat, penultimate)")
+    if cfg.train_lambda < 0 or cfg.train_margin < 0:
+        raise UserError("train_lambda and train_margin must be >= 0")
+    if cfg.train_warmup_epochs < 0 or cfg.train_epochs < 0 or cfg.train_workers < 1:
+        raise UserError("train_epochs and train_warmup_epochs must be >= 0, train_workers >= 1")
+    if cfg.train_term != "none" and cfg.train_epochs > 0 and cfg.train_warmup_epochs >= cfg.train_epochs:
+        raise UserError(f"train_term {cfg.train_term} would never apply: train_warmup_epochs "
+                        f"({cfg.train_warmup_epochs}) >= train_epochs ({cfg.train_epochs}); lower the warm-up")
+    if cfg.train_pk is not None:
+        parts = str(cfg.train_pk).replace("x", ",").split(",")
+        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise UserError(f"train_pk must be P,K (classes x images per class), not {cfg.train_pk!r}")

@@ -35,5 +35,6 @@ def progress(items, desc: str, done: int = 0, total: int | None = None, unit: st
 
 
 def say(*args) -> None:
+    """A line on stderr, above any progress bar that is drawing."""
     if not QUIET:
-        print(*args, file=sys.stderr)
+        tqdm.write(" ".join(str(a) for a in args), file=sys.stderr)
