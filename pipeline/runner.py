@@ -154,7 +154,7 @@ class Prepared:
         self.views = list(dict.fromkeys(perturb.view_name(v) for v in cfg.perturb))
         perturb.check_source(cfg.data, self.views)
         self.cam_available = traced.cam_ok
-        if self.needs_training:
+        if self.needs_training:  # the term's settings, before any work (the train stage checks counts)
             from featscope.stages.train import check_training
 
             check_training(cfg, traced, None, self.classes)

@@ -197,6 +197,24 @@ class Traced:
     def penultimate(self):
         return self.linear.args[0]
 
+    def training_graph(self, model: nn.Module) -> "Traced":
+        """The same model traced in train mode, for a training loop's extractor: code that reads
+        `self.training` outside leaf modules (F.dropout(x, p, self.training), timm's DropPath) is
+        baked into a graph when it is traced, so the eval-mode graph would train without it.
+        Node names, head and conv map are this graph's (no shapes: resolution is done here)."""
+        was = model.training
+        tracer = _tracer_class()(**_tracer_kwargs())
+        graph = tracer.trace(model.train())
+        model.train(was)
+        out = object.__new__(Traced)
+        out.gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        out.names = {n: tracer.node_to_qualname[n] for n in graph.nodes if n in tracer.node_to_qualname}
+        out.by_name = {v: k for k, v in out.names.items()}
+        out.linear = out.by_name.get(self.names[self.linear]) if self.linear is not None else None
+        out.conv = out.by_name.get(self.names[self.conv]) if self.conv is not None else None
+        out.cam_ok = self.cam_ok
+        return out
+
     def shape(self, node: fx.Node) -> tuple:
         meta = node.meta.get("tensor_meta")
         return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else ()

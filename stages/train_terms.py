@@ -36,9 +36,11 @@ class TermStats:
     """What one batch says about the embedding: logged per epoch, to see collapse or non-convergence."""
 
     term: float
-    active: float  # share of the mined triplets with a non-zero loss (supcon: of all triplets, violated)
-    same: float  # mean distance between same-class embeddings of the batch
-    diff: float  # ... and between different-class ones
+    active: float  # share of the batch's triplets (a, p, n) within the margin: d(a,p) - d(a,n) + margin > 0
+    same_sum: float  # sum and count of the distances between same-class embeddings of the batch
+    same_n: int
+    diff_sum: float  # ... and between different-class ones
+    diff_n: int
 
 
 class MetricTerm:
@@ -51,8 +53,12 @@ class MetricTerm:
             raise UserError(f"unknown train miner '{miner}' (miners: {', '.join(MINERS)})")
         self.name, self.margin = name, float(margin)
         if name == "supcon":
+            self.margin = 0.0  # its active share: triplets with d(a,p) >= d(a,n)
             self.loss, self.miner = losses.SupConLoss(temperature=temperature), None
             return
+        if name == "softmargin" and miner == "semihard":
+            raise UserError("train_term softmargin has no margin, so semi-hard mining would find no triplet: "
+                            "use batch-hard or all")
         if name == "softmargin":
             self.margin = 0.0
             self.loss = losses.TripletMarginLoss(margin=0.0, smooth_loss=True)
@@ -72,16 +78,14 @@ class MetricTerm:
             d = torch.cdist(emb, emb)
             same = labels[:, None] == labels[None, :]
             off = ~torch.eye(len(labels), dtype=torch.bool, device=emb.device)
-            # supcon mines nothing: its share is of all the batch's triplets with d(a,p) >= d(a,n)
-            a, p, n = lmu.convert_to_triplets(mined, labels)
+            # over all the batch's triplets, whatever the miner picked (semi-hard ones are active by definition)
+            a, p, n = lmu.convert_to_triplets(None, labels)
             viol = d[a, p] - d[a, n] + self.margin
             active = float((viol >= 0 if self.name == "supcon" else viol > 0).float().mean()) if len(a) else 0.0
-            stats = TermStats(loss.item(), active, _mean(d[same & off]), _mean(d[~same]))
+            pos, neg = d[same & off], d[~same]
+            stats = TermStats(loss.item(), active, float(pos.sum()), int(pos.numel()), float(neg.sum()),
+                              int(neg.numel()))
         return loss, stats
-
-
-def _mean(t: torch.Tensor) -> float:
-    return float(t.mean()) if t.numel() else float("nan")
 
 
 def cam_mask(fmap: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

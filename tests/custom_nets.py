@@ -90,6 +90,14 @@ class Constant(TinyNet):
         return self.head(self.body(x).mean(dim=(2, 3)) * 0.0)
 
 
+class Dropping(TinyNet):
+    """Functional dropout reading self.training in the forward (timm's heads do this)."""
+
+    def forward(self, x):
+        pooled = self.body(x).mean(dim=(2, 3))
+        return self.head(torch.nn.functional.dropout(pooled, 0.5, self.training))
+
+
 def make_flat_head() -> nn.Module:
     return FlatHead()
 

@@ -59,9 +59,13 @@ def test_triplet_terms_equal_hand_computation_and_pml(name, margin):
     assert float(value) == pytest.approx(want, abs=1e-9)
     pml = losses.TripletMarginLoss(margin=margin, smooth_loss=name == "softmargin")
     assert float(value) == pytest.approx(float(pml(EMB, LABELS, miners.BatchHardMiner()(EMB, LABELS))), abs=1e-12)
-    same = [dist(0, 1), dist(2, 3)]
-    assert stats.same == pytest.approx(sum(same) / 2) and stats.diff == pytest.approx(
-        np.mean([dist(i, j) for i in (0, 1) for j in (2, 3)]))
+    # pooled over ordered pairs: (0,1), (1,0), (2,3), (3,2) same; 8 different
+    assert stats.same_n == 4 and stats.same_sum == pytest.approx(2 * (dist(0, 1) + dist(2, 3)))
+    assert stats.diff_n == 8 and stats.diff_sum == pytest.approx(2 * sum(dist(i, j) for i in (0, 1) for j in (2, 3)))
+    triplets = [(a, p, n) for a in range(4) for p in range(4) for n in range(4)
+                if p != a and LABELS[p] == LABELS[a] and LABELS[n] != LABELS[a]]
+    eff = 0.0 if name == "softmargin" else margin
+    assert stats.active == pytest.approx(np.mean([dist(a, p) - dist(a, n) + eff > 0 for a, p, n in triplets]))
 
 
 def test_supcon_equals_hand_computation():
@@ -137,6 +141,32 @@ def test_lambda_zero_is_bit_identical_to_cross_entropy():
     assert not torch.equal(other.fc.weight, plain.fc.weight)  # and a non-zero lambda does change them
 
 
+def test_training_graph_keeps_train_mode_code():
+    """F.dropout(x, p, self.training) is baked into a traced graph: the term's extractor is traced in
+    train mode, so training with the term keeps the dropout cross-entropy alone has."""
+    from featscope.stages.train import _Term
+    from tests.custom_nets import Dropping
+
+    model = Dropping().train()
+    cfg = build_config(None, None, ["train_term=triplet", "train_on=penultimate"])
+    term = _Term(model, cfg, 32)
+    x = torch.randn(4, 3, 32, 32)
+    model.train()
+    a, b = (term.extractor(x)[term.pen] for _ in range(2))
+    assert not torch.equal(a, b)  # dropout active (an eval-mode graph would give equal outputs)
+
+
+def test_numpy_global_state_is_left_alone():
+    np.random.seed(123)
+    want = np.random.RandomState(123).rand(3)
+    trained(["train_pk=5,8"])
+    np.random.seed(123)
+    assert np.array_equal(np.random.rand(3), want)
+    state = np.random.get_state()
+    trained(["train_pk=5,8"])
+    assert np.array_equal(np.random.get_state()[1], state[1])
+
+
 def test_history_logs_the_term_and_collapse_stops_with_one_line():
     _, metrics = trained(["train_term=triplet", "train_positive_views=[noise=0.05,shift=2]"])
     row = metrics["history"][-1]
@@ -162,6 +192,8 @@ def one_class_folder(tmp_path):
     (["--model", "tests.custom_nets:make_flat_head", "--term", "triplet", "--on", "conv:cam", "--image-size", "32"],
      "train_on conv:cam needs a global-average-pool + linear head"),
     (["--term", "triplet", "--pk", "20,4"], "P = 20 classes per batch, but the training images hold 10 classes"),
+    (["--pk", "20,4"], "P = 20 classes per batch"),  # asked for without a term: checked all the same
+    (["--term", "softmargin", "--miner", "semihard"], "semi-hard mining would find no triplet"),
     (["--term", "triplet", "--pk", "2,400"], "K = 400 images per class, but class"),
     (["--term", "quadruplet"], "unknown train term 'quadruplet'"),
     (["--term", "triplet", "--on", "conv:gap"], "unknown train_on 'conv:gap'"),
@@ -205,7 +237,11 @@ def test_ray_train_two_workers_trains_and_its_checkpoint_extracts(ray_session, t
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["workers"] == 2 and len(metrics["history"]) == 2 and metrics["held_out_accuracy"] is not None
     state = torch.load(ckpt, weights_only=True)["state_dict"]
-    fresh = SmallCNN(12).state_dict()
+    from featscope.stages.models import build_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = build_model("smallcnn", None, 12)[0].state_dict()  # the seeded start of every worker
     assert any(not torch.equal(state[k], fresh[k]) for k in fresh)  # trained, not the initial weights
     run = featscope.run("builtin:shapes?n=96&size=32", "smallcnn", ["conv"], str(tmp_path / "run"), weights=str(ckpt),
                         stages=["ingest", "extract"], perturb=[], quiet=True)
@@ -241,3 +277,20 @@ def test_the_term_improves_the_conv_layers_separation_at_equal_accuracy(ray_sess
     assert auc_t >= auc_ce + 0.01, figures
     assert viol_t <= viol_ce - 0.01, figures
     assert abs(acc_t - acc_ce) <= 0.02 or acc_t > acc_ce, figures
+
+
+@pytest.mark.parametrize("model", ["tests.custom_nets:make_net", "timm:resnet18"])
+def test_own_and_timm_models_train_fine_tune_and_extract(model, ray_session, tmp_path, capsys):
+    if model.startswith("timm:"):
+        pytest.importorskip("timm")
+    data, first, second = "builtin:shapes?n=96&size=32", tmp_path / "a.pt", tmp_path / "b.pt"
+    common = ["--data", data, "--model", model, "--image-size", "32", "--epochs", "2", "--warmup-epochs", "1",
+              "--term", "triplet", "--format", "json"]
+    assert main(["train", *common, "--out", str(first)]) == 0
+    assert main(["train", *common, "--out", str(second), "--weights", str(first)]) == 0  # fine-tuning
+    capsys.readouterr()
+    a, b = (torch.load(p, weights_only=True)["state_dict"] for p in (first, second))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    run = featscope.run(data, model, ["conv", "penultimate"], str(tmp_path / "run"), weights=str(second),
+                        image_size=32, stages=["ingest", "extract"], perturb=[], quiet=True)
+    assert run.meta["config"]["weights"] == str(second) and len(run.embeddings("conv")[0]) == 96
