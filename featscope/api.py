@@ -215,7 +215,7 @@ class Run:
         import pyarrow.compute as pc
 
         from .core.rundir import parquet_dataset
-        from .stages.vectors import feature_files
+        from .stages.vectors import feature_files, vec_matrix
 
         entries = {e["name"]: e["features"] for e in self.meta.get("index_layers", [])}
         features = entries.get(layer, layer)
@@ -227,9 +227,7 @@ class Run:
         if t.num_rows == 0:
             views = ["orig"] + list(self.meta.get("views", []))
             raise UserError(f"no vectors for view '{view}' in layer '{features}' (views: {', '.join(views)})")
-        col = t.column("vec").combine_chunks()
-        vecs = col.flatten().to_numpy(zero_copy_only=False).reshape(t.num_rows, col.type.list_size)
-        ids = t.column("image_id").to_numpy()
+        vecs, ids = vec_matrix(t), t.column("image_id").to_numpy()
         order = np.argsort(ids, kind="stable")
         return ids[order], np.ascontiguousarray(vecs[order], dtype=np.float32)
 

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from featscope.core.config import UserError
 from featscope.core.rundir import RunDir, exists, layer_dir, local_file, parquet_dataset, read_json
 
-from .vectors import exact_distances, feature_files, prepare
+from .vectors import exact_distances, feature_files, prepare, vec_matrix
 
 def _ids(ids: list[int]) -> pa.Array:
     return pa.array(ids, pa.int64())
@@ -42,9 +42,7 @@ def _vectors(run: RunDir, features: str, image_ids: list[int]) -> dict[int, np.n
     d = parquet_dataset(feature_files(run, features))
     t = d.to_table(columns=["image_id", "vec"], filter=(pc.field("view") == "orig")
                    & pc.field("image_id").isin(_ids(image_ids)))
-    col = t.column("vec").combine_chunks()
-    vecs = col.flatten().to_numpy(zero_copy_only=False).reshape(t.num_rows, col.type.list_size)
-    return dict(zip(t.column("image_id").to_pylist(), vecs.astype(np.float32)))
+    return dict(zip(t.column("image_id").to_pylist(), vec_matrix(t).astype(np.float32)))
 
 
 def image_bytes(image) -> tuple[bytes, str]:

@@ -34,6 +34,12 @@ def feature_files(run: RunDir, features: str) -> list[str]:
     return files
 
 
+def vec_matrix(t) -> np.ndarray:
+    """A table's `vec` column (fixed-size lists) as one (rows, dim) array, without Python rows."""
+    col = t.column("vec").combine_chunks()
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(t.num_rows, col.type.list_size)
+
+
 def load_base(run: RunDir, features: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """(image_id int64 [N], vectors float32 [N, d]) of the `orig` views, in shard order."""
     ids, vecs = [], []
@@ -42,8 +48,7 @@ def load_base(run: RunDir, features: str, metric: str) -> tuple[np.ndarray, np.n
         t = t.filter(pc.equal(t.column("view"), "orig"))
         if t.num_rows == 0:
             continue
-        col = t.column("vec").combine_chunks()
-        vecs.append(col.flatten().to_numpy(zero_copy_only=False).reshape(t.num_rows, col.type.list_size))
+        vecs.append(vec_matrix(t))
         ids.append(t.column("image_id").to_numpy())
     if not ids:
         raise UserError(f"layer '{features}' has no vectors with view 'orig' in {run.root}")
