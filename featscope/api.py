@@ -102,12 +102,17 @@ def open(path: str, model=None) -> "Run":  # noqa: A001 - featscope.open(RUN) re
     return Run(path, model=module)
 
 
-def compare(*runs, measure: str = "layer_comparison", **params) -> pa.Table:
-    """One measure of several runs side by side, with deltas against the first (`featscope compare`)."""
+def compare(*runs, measure: str = "layer_comparison", html: str | None = None, **params) -> pa.Table:
+    """One measure of several runs side by side, with deltas against the first (`featscope compare`);
+    `html`: also write the runs' reports side by side to that file (`--html`)."""
     from .queries.compare import compare as _compare
 
     paths = [r.path if isinstance(r, Run) else str(r) for r in runs]
     columns, rows = _compare(paths, measure, _params(params))
+    if html:
+        from .stages.report.compare import write_compare
+
+        write_compare(paths, html)
     return pa.Table.from_pylist([dict(zip(columns, r)) for r in rows]) if rows else \
         pa.table({c: pa.array([], pa.null()) for c in columns})
 
@@ -207,6 +212,15 @@ class Run:
         """One measure of queries/ (knn_agreement, class_distances, per_class, suspicious,
         continuity, layer_comparison) with its parameters (layer=..., k=...)."""
         return measure_table(self.path, name, _params(params))
+
+    # ---- the report ------------------------------------------------------------------------------
+    def report(self, out: str | None = None, **settings) -> str:
+        """Write the run's offline HTML report (as `featscope report`; default RUN/report/index.html)
+        and return its path. settings: report_points, report_thumbnails, report_queries, seed."""
+        from .stages.report import report_settings, write_run_report
+
+        given = report_settings([f"{k}={v}" for k, v in settings.items()])
+        return write_run_report(self.path, out, given)["path"]
 
     # ---- vectors and images --------------------------------------------------------------------
     def embeddings(self, layer: str = "conv", view: str = "orig") -> tuple[np.ndarray, np.ndarray]:

@@ -69,7 +69,8 @@ def parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("query", help="compute one measure (queries/*.sql) over a run, read-only")
     q.add_argument("run")
-    q.add_argument("measure", help="knn_agreement, class_distances, per_class, suspicious, continuity or layer_comparison")
+    q.add_argument("measure", help="knn_agreement, class_distances, per_class, suspicious, continuity, "
+                   "layer_comparison, image_agreement, distance_histogram or continuity_images")
     q.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="a parameter of the measure's SQL (layer, k, seed, pairs, triplets, top, ...)")
     _add_format(q)
@@ -79,7 +80,16 @@ def parser() -> argparse.ArgumentParser:
     cp.add_argument("--measure", default="layer_comparison",
                     help="layer_comparison (default), knn_agreement, class_distances or per_class")
     cp.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    cp.add_argument("--html", metavar="FILE", help="also write the runs' reports side by side, with deltas, "
+                    "to this one offline HTML file")
     _add_format(cp)
+
+    rp = sub.add_parser("report", help="write the run's offline HTML report (RUN/report/index.html)")
+    rp.add_argument("run")
+    rp.add_argument("--out", help="folder for index.html (default RUN/report)")
+    rp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="report_points, report_thumbnails, report_queries, seed")
+    _add_format(rp)
 
     nb = sub.add_parser("neighbors", help="nearest images to an image id or an image file, in one layer")
     nb.add_argument("run")
@@ -165,6 +175,8 @@ def cmd_run(a) -> int:
         if rows:
             print("continuity under perturbation (featscope query RUN continuity, per class too):")
             print_rows(columns, rows, "table")
+    if summary.get("report"):
+        print(f"report: {summary['report']['path']}")
     print("query it:")
     print(f"  featscope sql {run} \"SELECT label_name, count(*) AS n, avg(prob) AS confidence "
           f"FROM images JOIN predictions USING (image_id) GROUP BY 1 ORDER BY 1\"")
@@ -229,7 +241,24 @@ def cmd_compare(a) -> int:
     from featscope.queries.compare import compare
 
     columns, rows = compare(a.runs, a.measure, queries.parse_params(a.param))
+    if a.html:
+        from featscope.stages.report.compare import write_compare
+
+        path = write_compare(a.runs, a.html)
+        if a.format != "json":
+            print(f"report: {path}", file=sys.stderr)
     print_rows(columns, rows, a.format)
+    return 0
+
+
+def cmd_report(a) -> int:
+    from featscope.stages.report import report_settings, write_run_report
+
+    recap = write_run_report(a.run, a.out, report_settings(a.set))
+    if a.format == "json":
+        print(json.dumps(_jsonable(recap), indent=1))
+    else:
+        print(f"report: {recap['path']} ({recap['bytes'] / 1e6:.1f} MB, {recap['seconds']} s)")
     return 0
 
 
@@ -242,7 +271,7 @@ def cmd_neighbors(a) -> int:
 
 
 COMMANDS = {"run": cmd_run, "sql": cmd_sql, "train": cmd_train, "status": cmd_status,
-            "neighbors": cmd_neighbors, "query": cmd_query, "compare": cmd_compare}
+            "neighbors": cmd_neighbors, "query": cmd_query, "compare": cmd_compare, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -244,7 +244,7 @@ def run_pipeline(cfg: Config, quiet: bool = False, module=None) -> dict:
                 if exc.name != f"featscope.stages.{stage}":
                     raise  # a missing dependency inside the stage is an error, not "not built"
                 continue  # no such stage module (report)
-            _require(run, stage, "extract")
+            _require(run, stage, "ingest" if stage == "report" else "extract")  # a report shows what exists
             res = module.run(run, cfg, progress)
         run.update_stage(stage, **_plain(res), status="done", wall_seconds=round(time.perf_counter() - t0, 2))
         catalog.write_catalog(run)

@@ -35,12 +35,16 @@ from featscope.core.config import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # the order the analyze stage runs them in
-MEASURES = ("knn_agreement", "class_distances", "per_class", "suspicious", "continuity", "layer_comparison")
+MEASURES = ("knn_agreement", "class_distances", "per_class", "suspicious", "continuity", "layer_comparison",
+            "image_agreement", "distance_histogram", "continuity_images")
 # measure -> the measures whose results_<measure> tables it reads
 READS = {"class_distances": ("knn_agreement",),
          "suspicious": ("knn_agreement",),
          "per_class": ("knn_agreement", "class_distances"),
-         "layer_comparison": ("knn_agreement", "class_distances")}
+         "layer_comparison": ("knn_agreement", "class_distances"),
+         "image_agreement": ("knn_agreement",),
+         "distance_histogram": ("class_distances",),  # (which reads knn_agreement: _ensure follows it)
+         "continuity_images": ("continuity",)}
 _PARAM = re.compile(r"^SET VARIABLE (\w+) = coalesce\(getvariable\('(\w+)'\), (.*)\)::(\w+);\s*$", re.M)
 
 

@@ -40,7 +40,9 @@
 -- anchor) with the same figures over the pairs and triplets that class anchors (percentiles
 -- NULL there), and the parameters as the variable class_distances_params: per_class.sql and
 -- layer_comparison.sql read them instead of computing them again, so in the CLI `.read` this
--- file before those.
+-- file before those. The pairs themselves (blk, label of the anchor, distance, same) stay as
+-- results_class_distances_pairs, blk numbering the (layer, scope) blocks of
+-- results_class_distances_blocks: distance_histogram.sql bins them.
 --
 -- Parameters (set any before `.read`, e.g. SET VARIABLE pairs = 1000000;):
 --   layer     one knn layer; NULL (default) = every layer
@@ -55,6 +57,7 @@ SET VARIABLE pairs = coalesce(getvariable('pairs'), 100000)::BIGINT;
 SET VARIABLE triplets = coalesce(getvariable('triplets'), 100000)::BIGINT;
 SET VARIABLE class_distances_params = NULL;  -- until the figures below are there
 DROP TABLE IF EXISTS results_class_distances;
+DROP TABLE IF EXISTS results_class_distances_pairs;
 
 -- knn_agreement's edges and per-image counts must be there, for this layer and k
 SET VARIABLE class_distances_inputs = CASE
@@ -62,39 +65,40 @@ SET VARIABLE class_distances_inputs = CASE
     THEN error('class_distances reads the results of knn_agreement.sql: .read queries/knn_agreement.sql first, with the same layer and k')
     ELSE true END;
 
--- the figures, kept for per_class.sql and layer_comparison.sql (see the top of this file)
-CREATE OR REPLACE TEMP TABLE results_class_distances AS
-WITH
-labels AS (SELECT image_id, label FROM images),
-measured_layers AS (
-    SELECT layer, features, metric FROM index_layers
-    WHERE (getvariable('layer') IS NULL OR layer = getvariable('layer'))
-      AND layer IN (SELECT DISTINCT layer FROM knn)
-),
-vectors AS (SELECT layer AS features, image_id, vec FROM embeddings WHERE view = 'orig'),
 -- (layer, scope) numbered: the sorts below are far faster on an integer than on two strings
-blocks AS (
-    SELECT layer, scope, (row_number() OVER (ORDER BY layer, scope))::INTEGER AS blk
-    FROM measured_layers, (VALUES ('knn'), ('global')) s(scope)
-),
+CREATE OR REPLACE TEMP TABLE results_class_distances_blocks AS
+SELECT l.layer, l.features, l.metric, s.scope, (row_number() OVER (ORDER BY l.layer, s.scope))::INTEGER AS blk
+FROM index_layers l, (VALUES ('knn'), ('global')) s(scope)
+WHERE (getvariable('layer') IS NULL OR l.layer = getvariable('layer'))
+  AND l.layer IN (SELECT DISTINCT layer FROM knn);
 
+-- the images with features, numbered in (label, image_id) order: a class is one block of numbers
+CREATE OR REPLACE TEMP TABLE class_distances_numbered AS
+SELECT image_id, label,
+    row_number() OVER (ORDER BY label, image_id) - 1 AS idx,
+    row_number() OVER (ORDER BY label, image_id) - row_number() OVER (PARTITION BY label ORDER BY image_id) AS class_start,
+    count(*) OVER (PARTITION BY label) AS class_size,
+    count(*) OVER () AS n
+FROM predictions JOIN (SELECT image_id, label FROM images) USING (image_id)
+WHERE view = 'orig';
+
+-- each measured layer's vectors of the originals, in its metric
+CREATE OR REPLACE TEMP VIEW class_distances_vectors AS
+SELECT l.layer, l.metric, v.image_id, v.vec
+FROM (SELECT DISTINCT layer, features, metric FROM results_class_distances_blocks) l
+JOIN embeddings v ON v.layer = l.features AND v.view = 'orig';
+
+-- every pair measured, with the class of its anchor (the query, or the sampled pair's first
+-- image), kept for this connection (the figures below, and distance_histogram.sql: the
+-- histograms and the ROC curve behind the AUC)
+CREATE OR REPLACE TEMP TABLE results_class_distances_pairs AS
+WITH
 -- scope knn: every edge, with its labels from knn_agreement.sql (results_knn_agreement_edges)
 knn_pairs AS (
     SELECT layer, label, distance, label = neighbor_label AS same
     FROM results_knn_agreement_edges
 ),
-
--- the images with features, numbered in (label, image_id) order: a class is one block of numbers
-numbered AS (
-    SELECT image_id, label,
-        row_number() OVER (ORDER BY label, image_id) - 1 AS idx,
-        row_number() OVER (ORDER BY label, image_id) - row_number() OVER (PARTITION BY label ORDER BY image_id) AS class_start,
-        count(*) OVER (PARTITION BY label) AS class_size,
-        count(*) OVER () AS n
-    FROM predictions JOIN labels USING (image_id)
-    WHERE view = 'orig'
-),
-total AS (SELECT any_value(n) AS n FROM numbered),
+total AS (SELECT any_value(n) AS n FROM class_distances_numbered),
 
 -- scope global: pair i = (a, b), a uniform, b uniform over the others
 pair_draws AS (
@@ -111,28 +115,29 @@ pair_draws AS (
 pair_ids AS MATERIALIZED (
     SELECT pa.image_id AS anchor, pb.image_id AS other, pa.label, pa.label = pb.label AS same
     FROM pair_draws d
-    JOIN numbered pa ON pa.idx = d.a
-    JOIN numbered pb ON pb.idx = d.b
-),
-layer_vectors AS (
-    SELECT l.layer, l.metric, v.image_id, v.vec
-    FROM measured_layers l JOIN vectors v ON v.features = l.features
+    JOIN class_distances_numbered pa ON pa.idx = d.a
+    JOIN class_distances_numbered pb ON pb.idx = d.b
 ),
 global_pairs AS (
     SELECT va.layer, p.label, p.same,
         CASE va.metric WHEN 'cosine' THEN list_cosine_distance(va.vec, vb.vec)
                        ELSE list_distance(va.vec, vb.vec) END AS distance
     FROM pair_ids p
-    JOIN layer_vectors va ON va.image_id = p.anchor
-    JOIN layer_vectors vb ON vb.image_id = p.other AND vb.layer = va.layer
-),
+    JOIN class_distances_vectors va ON va.image_id = p.anchor
+    JOIN class_distances_vectors vb ON vb.image_id = p.other AND vb.layer = va.layer
+)
+SELECT b.blk, p.label, p.distance, p.same FROM knn_pairs p JOIN results_class_distances_blocks b ON b.layer = p.layer AND b.scope = 'knn'
+UNION ALL
+SELECT b.blk, p.label, p.distance, p.same FROM global_pairs p JOIN results_class_distances_blocks b ON b.layer = p.layer AND b.scope = 'global';
 
--- every pair measured, with the class of its anchor (the query, or the sampled pair's first image)
-all_pairs AS MATERIALIZED (
-    SELECT b.blk, p.label, p.distance, p.same FROM knn_pairs p JOIN blocks b ON b.layer = p.layer AND b.scope = 'knn'
-    UNION ALL
-    SELECT b.blk, p.label, p.distance, p.same FROM global_pairs p JOIN blocks b ON b.layer = p.layer AND b.scope = 'global'
-),
+-- the figures, kept for per_class.sql and layer_comparison.sql (see the top of this file)
+CREATE OR REPLACE TEMP TABLE results_class_distances AS
+WITH
+numbered AS (SELECT * FROM class_distances_numbered),
+total AS (SELECT any_value(n) AS n FROM numbered),
+layer_vectors AS (SELECT * FROM class_distances_vectors),
+all_pairs AS (SELECT * FROM results_class_distances_pairs),
+blocks AS (SELECT layer, scope, blk FROM results_class_distances_blocks),
 
 -- ROC-AUC by Mann-Whitney: with the pairs of a block sorted by distance, a pair's average rank
 -- (ties share the mean of their positions) counted from the farthest is N - (lt + le - 1) / 2,
@@ -239,6 +244,7 @@ FROM stats s
 JOIN blocks b USING (blk)
 LEFT JOIN quantiles q ON q.blk = s.blk AND s.label IS NULL
 LEFT JOIN triplets t ON t.layer = b.layer AND t.scope = b.scope AND t.label IS NOT DISTINCT FROM s.label;
+DROP TABLE class_distances_numbered;
 SET VARIABLE class_distances_params = {'layer': getvariable('layer'), 'k': getvariable('k'), 'seed': getvariable('seed'),
                                        'pairs': getvariable('pairs'), 'triplets': getvariable('triplets')};
 

@@ -20,12 +20,19 @@
 --   cam_continuity_*     ||CAM(x) - CAM(x')||_1 / ||x - x'||_2, mean and max, with both CAMs
 --                        taken for the original's predicted class (NULL without a GAP+linear head)
 --
+-- The per-image figures stay, for this connection, as the temporary table
+-- results_continuity_images (and the parameters as continuity_params): continuity_images.sql
+-- lists them.
+--
 -- Parameters (set any before `.read`, e.g. SET VARIABLE layer = 'penultimate';):
 --   layer  one knn layer; NULL (default) = every layer
 --   view   one view; NULL (default) = every view
 SET VARIABLE layer = coalesce(getvariable('layer'), NULL)::VARCHAR;
 SET VARIABLE view = coalesce(getvariable('view'), NULL)::VARCHAR;
+SET VARIABLE continuity_params = NULL;
 
+-- one row per (layer, image, view), kept for this connection: continuity_images.sql lists it
+CREATE OR REPLACE TEMP TABLE results_continuity_images AS
 WITH
 measured AS (
     SELECT t.layer, t.image_id, t.view, t.feature_dist, t.twin_rank, t.nearest_other_dist,
@@ -59,6 +66,8 @@ per_image AS (
     FROM measured m
     LEFT JOIN cam_change c ON c.image_id = m.image_id AND c.view = m.view
 )
+SELECT * FROM per_image;
+SET VARIABLE continuity_params = {'layer': getvariable('layer'), 'view': getvariable('view')};
 
 SELECT layer, view,
     CASE WHEN grouping(label_name) = 1 THEN 'all' ELSE label_name END AS scope,
@@ -73,6 +82,6 @@ SELECT layer, view,
     avg(flipped::INTEGER) AS flip_rate,
     avg(cam_continuity) AS cam_continuity_mean,
     max(cam_continuity) AS cam_continuity_max
-FROM per_image
+FROM results_continuity_images
 GROUP BY GROUPING SETS ((layer, view), (layer, view, label, label_name))
 ORDER BY layer, view, grouping(label_name) DESC, min(label), scope;

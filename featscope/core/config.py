@@ -79,6 +79,10 @@ class Config:
     train_pk: str | None = None  # "P,K": P classes x K images per batch; None: P x K when a plain batch
     #                              would hold fewer than 4 images per class (K = 4), else plain batches
     train_workers: int = 1  # Ray Train workers (DDP); 1: in this process
+    # the report (stages/report/): what the page shows of a large run, seeded by `seed`
+    report_points: int = 50_000  # points on the 2-D maps; above: a seeded sample, and the page says so
+    report_thumbnails: int = 2_000  # points of the interactive map whose hover shows the image
+    report_queries: int = 6  # neighbour grids of seeded sample queries (and as many suspicious images)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -189,6 +193,8 @@ def validate(cfg: Config) -> None:
         raise UserError("at least one layer is needed")
     if cfg.deep_queries < 1 or cfg.deep_k < 1:
         raise UserError("deep_queries and deep_k must be positive")
+    if min(cfg.report_points, cfg.report_thumbnails, cfg.report_queries) < 0:
+        raise UserError("report_points, report_thumbnails and report_queries must be >= 0")
     validate_training(cfg)
 
 
