@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from featscope.core import catalog
-from featscope.core.rundir import RunDir, exists, file_stamp, layer_dir, parquet_dataset, read_table
+from featscope.core.rundir import RunDir, exists, layer_dir, parquet_dataset, read_table
 
 # which stage each section needs, for the notes of a partly finished run
 NEEDS = {"summary": "ingest", "layers": "analyze", "distances": "analyze", "maps": "extract",
@@ -268,14 +268,21 @@ class RunData:
                 for r in t.to_pylist()}
 
     def stamp(self) -> dict:
-        """What the page was made from: a finished report with the same stamp is not redone."""
-        files = {}
-        for name in ("run.json",):
-            files[name] = list(file_stamp(self.run.p(name)))
-        for f in sorted(self.run.parquet_files("results")):
-            files[os.path.basename(f)] = list(file_stamp(f))
-        return {"files": files, "points": self.points, "thumbnails": self.thumbnails, "queries": self.queries,
-                "seed": self.seed}
+        """What the page was made from: a finished report with the same stamp is not redone. The
+        results' bytes (the analyze stage rewrites the same bytes when nothing changed), the run's
+        fingerprint, which stages are done, how many shards each input folder has, the settings."""
+        import hashlib
+
+        from featscope.core.rundir import read_bytes
+
+        results = {os.path.basename(f): hashlib.sha256(read_bytes(f)).hexdigest()[:16]
+                   for f in sorted(self.run.parquet_files("results"))}
+        stages = sorted(s for s, v in (self.meta.get("stages") or {}).items()
+                        if v.get("status") == "done" and s != "report")
+        folders = {f: len(self.run.parquet_files(f)) for f in ("images", "errors")}
+        folders.update({f"features/{l}": len(self.run.parquet_files("features", layer_dir(l))) for l in self.feature_layers()})
+        return {"fingerprint": self.meta.get("fingerprint"), "stages": stages, "results": results, "folders": folders,
+                "points": self.points, "thumbnails": self.thumbnails, "queries": self.queries, "seed": self.seed}
 
 
 def thumbnail_uri(data: bytes | None, size: int = 48) -> str | None:
