@@ -216,7 +216,8 @@ class Run:
     # ---- the report ------------------------------------------------------------------------------
     def report(self, out: str | None = None, **settings) -> str:
         """Write the run's offline HTML report (as `featscope report`; default RUN/report/index.html)
-        and return its path. settings: report_points, report_thumbnails, report_queries, seed."""
+        and return its path. settings: report_points, report_thumbnails, report_queries, report_umap_points,
+        seed."""
         from .stages.report import report_settings, write_run_report
 
         given = report_settings([f"{k}={v}" for k, v in settings.items()])

@@ -88,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("run")
     rp.add_argument("--out", help="folder for index.html (default RUN/report)")
     rp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="report_points, report_thumbnails, report_queries, seed")
+                    help="report_points, report_thumbnails, report_queries, report_umap_points, seed")
     _add_format(rp)
 
     nb = sub.add_parser("neighbors", help="nearest images to an image id or an image file, in one layer")

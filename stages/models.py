@@ -288,14 +288,7 @@ def state_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from featscope.core.rundir import file_sha256  # noqa: E402,F401 - here for the callers that build models
 
 
 def pick_device(pref: str) -> torch.device:

@@ -82,6 +82,7 @@ class Config:
     # the report (stages/report/): what the page shows of a large run, seeded by `seed`
     report_points: int = 50_000  # points on the 2-D maps; above: a seeded sample, and the page says so
     report_thumbnails: int = 2_000  # points of the interactive map whose hover shows the image
+    report_umap_points: int = 10_000  # UMAP maps (umap-learn installed) of at most this many of them; 0: none
     report_queries: int = 6  # neighbour grids of seeded sample queries (and as many suspicious images)
 
     def to_dict(self) -> dict[str, Any]:
@@ -193,8 +194,8 @@ def validate(cfg: Config) -> None:
         raise UserError("at least one layer is needed")
     if cfg.deep_queries < 1 or cfg.deep_k < 1:
         raise UserError("deep_queries and deep_k must be positive")
-    if min(cfg.report_points, cfg.report_thumbnails, cfg.report_queries) < 0:
-        raise UserError("report_points, report_thumbnails and report_queries must be >= 0")
+    if min(cfg.report_points, cfg.report_thumbnails, cfg.report_queries, cfg.report_umap_points) < 0:
+        raise UserError("report_points, report_thumbnails, report_queries and report_umap_points must be >= 0")
     validate_training(cfg)
 
 

@@ -178,6 +178,17 @@ def file_stamp(path: str) -> tuple[int, int]:
     return info.size, info.mtime_ns or 0
 
 
+def file_sha256(path: str) -> str:
+    """A local file's sha256 (weights, checkpoints), read in 1 MB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def remove(path: str) -> None:
     remote = _remote(path)
     if remote is None:

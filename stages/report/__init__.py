@@ -35,7 +35,7 @@ CONTINUITY_COLUMNS = ["layer", "view", "n", "continuity_accuracy", "lipschitz_me
 def run(run_dir, cfg, progress) -> dict:
     """The pipeline's report stage: skipped when the page is there and made from the same inputs."""
     settings = {"seed": cfg.seed, "report_points": cfg.report_points, "report_thumbnails": cfg.report_thumbnails,
-                "report_queries": cfg.report_queries}
+                "report_queries": cfg.report_queries, "report_umap_points": cfg.report_umap_points}
     out = run_dir.p("report")
     stamp_path = run_dir.p("report", "report.json")
     data = RunData(run_dir.path, settings)
@@ -46,7 +46,7 @@ def run(run_dir, cfg, progress) -> dict:
     return write_report(data, out, progress)
 
 
-REPORT_KEYS = ("report_points", "report_thumbnails", "report_queries", "seed")
+REPORT_KEYS = ("report_points", "report_thumbnails", "report_queries", "report_umap_points", "seed")
 
 
 def report_settings(sets: list[str] | None) -> dict:
@@ -210,12 +210,19 @@ class Builder:
         preds_map = self.d.predictions_of(ids) if len(ids) <= 200_000 else {}
         preds = np.array([preds_map.get(int(i), (-1, 0))[0] for i in ids], np.int64)
         pred_names = {c: names.get(c, str(c)) for c in set(preds.tolist())}
-        methods = ["pca"] + (["umap"] if maps.umap_available() else [])
+        methods = ["pca"] + (["umap"] if maps.umap_available() and self.d.umap_points else [])
+        umap_rows = np.arange(len(ids))
+        if len(ids) > self.d.umap_points > 0:  # UMAP costs ~50x PCA: a seeded sample of the map's points
+            umap_rows = np.sort(np.random.default_rng([self.d.seed, 4]).choice(len(ids), self.d.umap_points,
+                                                                                replace=False))
         notes = [f"{len(ids):,} points" + (f": a seeded sample (seed {self.d.seed}) of the {len(ids_all):,} images, "
                                             f"above the report_points budget of {self.d.points:,}"
                                             if self.map_sampled else " (every image)") + "."]
         if "umap" not in methods:
-            notes.append("UMAP maps need umap-learn: pip install 'featscope[umap]'.")
+            notes.append("UMAP maps need umap-learn: pip install 'featscope[umap]'." if self.d.umap_points else
+                         "No UMAP maps (report_umap_points = 0).")
+        elif len(umap_rows) < len(ids):
+            notes.append(f"UMAP maps: a seeded sample of {len(umap_rows):,} of those points (report_umap_points).")
         parts = [f'<p class="note">{page.esc(" ".join(notes))} Colour: label; black ring: fewer than half of the '
                  'image\'s k neighbours carry its label.</p>']
         static = []
@@ -231,7 +238,8 @@ class Builder:
                 got = dict(zip(t.column("image_id").to_pylist(), t.column("agreement").to_pylist()))
                 agreement = np.array([got.get(int(i), 1.0) for i in ids], np.float32)
             for method in methods:
-                xy = maps.project(vec, method, entry["metric"], self.d.seed)
+                rows_m = umap_rows if method == "umap" else np.arange(len(ids))
+                xy = maps.project(vec[rows_m], method, entry["metric"], self.d.seed)
                 title = f"{layer}: {method.upper()}"
                 if first:
                     first = False
@@ -244,7 +252,7 @@ class Builder:
                                  f'<p class="note">{len(thumbs):,} points show their image on hover '
                                  f'(report_thumbnails).</p><div id="interactive-map">{div}</div>{script}')
                     continue
-                static.append(self.fig(figures.scatter_map(xy, labels, agreement < 0.5, names, title),
+                static.append(self.fig(figures.scatter_map(xy, labels[rows_m], agreement[rows_m] < 0.5, names, title),
                                        f"{method} map of {layer}"))
         if static:
             parts.append('<div class="figs">' + "".join(f"<div>{s}</div>" for s in static) + "</div>")

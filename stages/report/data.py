@@ -40,6 +40,7 @@ class RunData:
         self.points = int(settings.get("report_points", cfg.get("report_points", 50_000)))
         self.thumbnails = int(settings.get("report_thumbnails", cfg.get("report_thumbnails", 2_000)))
         self.queries = int(settings.get("report_queries", cfg.get("report_queries", 6)))
+        self.umap_points = int(settings.get("report_umap_points", cfg.get("report_umap_points", 10_000)))
         self._con = None
         self._classes = None
 
@@ -119,7 +120,7 @@ class RunData:
         return rows
 
     def weights_fingerprint(self) -> str:
-        from featscope.stages.models import file_sha256
+        from featscope.core.rundir import file_sha256  # (not stages.models: the report needs no torch)
 
         model, cfg = self.meta.get("model") or {}, self.meta.get("config") or {}
         trained = self.run.p("model", f"{cfg.get('model')}.pt")
@@ -282,7 +283,8 @@ class RunData:
         folders = {f: len(self.run.parquet_files(f)) for f in ("images", "errors")}
         folders.update({f"features/{l}": len(self.run.parquet_files("features", layer_dir(l))) for l in self.feature_layers()})
         return {"fingerprint": self.meta.get("fingerprint"), "stages": stages, "results": results, "folders": folders,
-                "points": self.points, "thumbnails": self.thumbnails, "queries": self.queries, "seed": self.seed}
+                "points": self.points, "thumbnails": self.thumbnails, "queries": self.queries,
+                "umap_points": self.umap_points, "seed": self.seed}
 
 
 def thumbnail_uri(data: bytes | None, size: int = 48) -> str | None:
