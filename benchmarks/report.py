@@ -88,7 +88,9 @@ def make_synthetic_run(path: str, n: int, classes: int) -> None:
     then the measures written to results/ by the analyze stage's loop."""
     if os.path.exists(os.path.join(path, "results", "layer_comparison.parquet")):
         return
-    import queries as qbench
+    import importlib
+
+    qbench = importlib.import_module("queries")  # benchmarks/queries.py, beside this file
 
     from featscope import queries
     from featscope.core import catalog
