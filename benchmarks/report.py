@@ -8,10 +8,13 @@ spot, views noise:0.05 and shift:2; `featscope run` made once (with --keep DIR i
 reused). The page budgets are the defaults (50,000 map points, 2,000 hover thumbnails, UMAP of
 10,000 when umap-learn is installed), so the 1M run's map shows a seeded sample of 50,000.
 
-    python benchmarks/report.py [--keep DIR] [--images 1000000] [--small 20000]
+    python benchmarks/report.py [--keep DIR] [--images 1000000] [--small 20000] [--set report_umap_points=0]
+
+A third report, of a 20,000-image synthetic run made by the same generator as the 1M one (the
+same code paths: no views, so no torch), gives the like-for-like memory ratio.
 
 Last line: one JSON object (seconds_20k, mb_20k, rss_mb_20k, seconds_1m, mb_1m, rss_mb_1m,
-rss_ratio_1m_20k, size_ratio_1m_20k).
+rss_ratio_1m_20k, size_ratio_1m_20k, rss_ratio_1m_20k_synthetic, ...).
 """
 from __future__ import annotations
 
@@ -31,8 +34,8 @@ import pyarrow.parquet as pq
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+SHARD = 4096  # images per shard, as the ingest stage writes them
 MEASURE = """
 import resource, subprocess, sys, json, time
 t0 = time.perf_counter()
@@ -43,10 +46,10 @@ print(json.dumps({"rc": res.returncode, "wall": wall, "stdout": res.stdout, "std
 """
 
 
-def timed_report(run: str, out: str) -> dict:
+def timed_report(run: str, out: str, sets: list[str]) -> dict:
     """`featscope report RUN --out OUT` in a fresh process: wall seconds, peak RSS, page bytes."""
     cmd = [sys.executable, "-c", MEASURE, sys.executable, "-m", "featscope.cli", "report", run, "--out", out,
-           "--format", "json"]
+           "--format", "json"] + [x for s in sets for x in ("--set", s)]
     res = json.loads(subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT).stdout)
     if res["rc"] != 0:
         raise SystemExit(f"featscope report failed: {res['stderr']}")
@@ -88,9 +91,11 @@ def make_synthetic_run(path: str, n: int, classes: int) -> None:
     then the measures written to results/ by the analyze stage's loop."""
     if os.path.exists(os.path.join(path, "results", "layer_comparison.parquet")):
         return
-    import importlib
+    import importlib.util
 
-    qbench = importlib.import_module("queries")  # benchmarks/queries.py, beside this file
+    spec = importlib.util.spec_from_file_location("bench_queries", os.path.join(ROOT, "benchmarks", "queries.py"))
+    qbench = importlib.util.module_from_spec(spec)  # benchmarks/queries.py's synthetic run
+    spec.loader.exec_module(qbench)
 
     from featscope import queries
     from featscope.core import catalog
@@ -103,6 +108,16 @@ def make_synthetic_run(path: str, n: int, classes: int) -> None:
         t = pq.read_table(p)
         data = pa.array([pngs[l] for l in t.column("label").to_numpy()], pa.binary())
         pq.write_table(t.set_column(t.schema.get_field_index("bytes"), "bytes", data), p)
+    # the shards of a real run: 4,096 images each (shard_size), not the query benchmark's 250,000
+    layer = qbench.LAYER
+    for folder in ("images", f"features/{layer}", f"knn/{layer}"):
+        d = os.path.join(path, folder)
+        t = pa.concat_tables(pq.read_table(os.path.join(d, f)) for f in sorted(os.listdir(d)))
+        for f in os.listdir(d):
+            os.remove(os.path.join(d, f))
+        rows = SHARD * (10 if folder.startswith("knn") else 1)
+        for i, r0 in enumerate(range(0, t.num_rows, rows)):
+            pq.write_table(t.slice(r0, rows), os.path.join(d, f"part-{i:05d}.parquet"))
     run = RunDir(path)
     meta = run.read_meta()
     meta["stages"] = {s: {"status": "done"} for s in ("ingest", "extract", "index", "knn", "analyze")}
@@ -128,22 +143,31 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=20_000)
     ap.add_argument("--images", type=int, default=1_000_000)
     ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="report settings for both reports, e.g. report_umap_points=0")
     a = ap.parse_args()
     root = a.keep or tempfile.mkdtemp(prefix="featscope-report-bench-")
     os.makedirs(root, exist_ok=True)
     small, big = os.path.join(root, f"shapes-{a.small}"), os.path.join(root, f"synthetic-{a.images}")
+    small_syn = os.path.join(root, f"synthetic-{a.small}")
     try:
         made = make_real_run(small, a.small)
         t0 = time.perf_counter()
         make_synthetic_run(big, a.images, a.classes)
         made_big = time.perf_counter() - t0
-        r20 = timed_report(small, os.path.join(root, "report-small"))
-        r1m = timed_report(big, os.path.join(root, "report-big"))
-        out = {"images_small": a.small, "images_big": a.images,
+        make_synthetic_run(small_syn, a.small, min(a.classes, a.small // 20))
+        r20 = timed_report(small, os.path.join(root, "report-small"), a.set)
+        r1m = timed_report(big, os.path.join(root, "report-big"), a.set)
+        r20s = timed_report(small_syn, os.path.join(root, "report-small-synthetic"), a.set)
+        out = {"images_small": a.small, "images_big": a.images, "settings": a.set,
                "seconds_20k": r20["seconds"], "mb_20k": r20["mb"], "rss_mb_20k": r20["rss_mb"],
                "seconds_1m": r1m["seconds"], "mb_1m": r1m["mb"], "rss_mb_1m": r1m["rss_mb"],
                "rss_ratio_1m_20k": round(r1m["rss_mb"] / r20["rss_mb"], 3),
                "size_ratio_1m_20k": round(r1m["mb"] / r20["mb"], 3),
+               # the same synthetic generator at both sizes: the same code paths (no views, no torch)
+               "seconds_20k_synthetic": r20s["seconds"], "rss_mb_20k_synthetic": r20s["rss_mb"],
+               "mb_20k_synthetic": r20s["mb"],
+               "rss_ratio_1m_20k_synthetic": round(r1m["rss_mb"] / r20s["rss_mb"], 3),
                "map_points_20k": r20["map_points"], "map_points_1m": r1m["map_points"],
                "made_run_seconds": round(made, 1), "made_synthetic_seconds": round(made_big, 1),
                "versions": versions()}

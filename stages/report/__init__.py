@@ -207,7 +207,7 @@ class Builder:
         rows = self.d.image_rows_light(ids)
         labels = np.array([rows[int(i)][0] for i in ids], np.int64)
         names = self.d.classes()
-        preds_map = self.d.predictions_of(ids) if len(ids) <= 200_000 else {}
+        preds_map = self.d.predictions_of(ids)
         preds = np.array([preds_map.get(int(i), (-1, 0))[0] for i in ids], np.int64)
         pred_names = {c: names.get(c, str(c)) for c in set(preds.tolist())}
         methods = ["pca"] + (["umap"] if maps.umap_available() and self.d.umap_points else [])

@@ -251,11 +251,13 @@ class RunData:
         return out
 
     def predictions_of(self, ids) -> dict[int, tuple[int, float]]:
-        ids = [int(i) for i in ids]
-        if not ids or not self.done("extract"):
+        """image_id -> (pred, prob) of the original, read through a filter (the predictions view's file)."""
+        layers = self.feature_layers()
+        if not len(ids) or not layers:
             return {}
-        t = self.sql("SELECT image_id, pred, prob FROM predictions WHERE view = 'orig' AND "
-                     "image_id IN (SELECT unnest(?::BIGINT[]))", [ids])
+        t = parquet_dataset(self.run.parquet_files("features", layer_dir(layers[0]))).to_table(
+            columns=["image_id", "pred", "prob"],
+            filter=(pc.field("view") == "orig") & pc.field("image_id").isin(pa.array(np.asarray(ids, np.int64))))
         return {i: (p, pr) for i, p, pr in zip(*(t.column(c).to_pylist() for c in ("image_id", "pred", "prob")))}
 
     def cams(self, ids) -> dict[tuple[int, str], np.ndarray]:

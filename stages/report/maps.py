@@ -31,7 +31,7 @@ def project(vectors: np.ndarray, method: str, metric: str, seed: int) -> np.ndar
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # umap's n_jobs / numba notes: nothing a reader can act on
         reducer = umap.UMAP(n_components=2, random_state=seed, metric="cosine" if metric == "cosine" else "euclidean",
-                            n_neighbors=min(15, len(x) - 1))
+                            n_neighbors=min(15, len(x) - 1), n_epochs=200)  # UMAP's own choice above 10k points
         return reducer.fit_transform(x).astype(np.float32)
 
 
