@@ -49,3 +49,16 @@ def test_suite_ab_runs_both_sides_and_compares_them(tmp_path):
                            text=True).stdout.strip()
     if not dirty:
         assert out["same"] is True and out["differ"] == []
+
+
+def test_report_benchmark_runs_at_a_small_size(tmp_path):
+    """benchmarks/report.py end to end on small runs (a real 300-image run, a 3,000-image synthetic
+    one): its JSON keys and the pages it made. No timings are checked."""
+    root = str(tmp_path / "bench")
+    out = _last_json(["benchmarks/report.py", "--small", "300", "--images", "3000", "--classes", "20",
+                      "--keep", root, "--set", "report_umap_points=0"])
+    assert {"seconds_20k", "mb_20k", "rss_mb_20k", "seconds_1m", "mb_1m", "rss_mb_1m", "rss_ratio_1m_20k",
+            "size_ratio_1m_20k", "rss_ratio_1m_20k_synthetic"} <= set(out)
+    assert out["map_points_20k"] == 300 and out["map_points_1m"] == 3000
+    for page in ("report-small", "report-big", "report-small-synthetic"):
+        assert os.path.getsize(os.path.join(root, page, "index.html")) > 100_000

@@ -13,7 +13,6 @@ run, finished or not: a section whose stage has not run says which stage it need
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -365,7 +364,3 @@ class Builder:
                 f"lists them all.</p><div class=\"scroll\">"
                 + page.table(cols, [tuple(r[c] for c in cols) for r in t.to_pylist()], table_id="errors-table")
                 + "</div>")
-
-
-def recap_json(recap: dict) -> str:
-    return json.dumps(recap)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
+
 from featscope.core.rundir import write_file_atomic
 
 from . import HIGHER, LOWER, figures, page
@@ -36,7 +38,6 @@ def _compare_table(columns, rows, labels, table_id: str) -> str:
 def write_compare(paths: list[str], out_file: str) -> str:
     from featscope.queries.compare import compare, run_labels
 
-    t0 = time.perf_counter()
     runs = [RunData(p) for p in paths]
     labels = run_labels(paths)
     sections = []
@@ -98,8 +99,6 @@ def write_compare(paths: list[str], out_file: str) -> str:
             entry = r.layer_entry(layer)
             xy = maps.project(r.vectors(entry["features"], ids), "pca", entry["metric"], r.seed)
             lab = r.image_rows_light(ids)
-            import numpy as np
-
             labels_arr = np.array([lab[int(i)][0] for i in ids])
             disagree = np.zeros(len(ids), bool)
             if r.result_exists("image_agreement"):
@@ -137,5 +136,4 @@ def write_compare(paths: list[str], out_file: str) -> str:
             fh.write(html_text)
 
     write_file_atomic(out_file, write)
-    _ = time.perf_counter() - t0
     return out_file

@@ -43,6 +43,7 @@ class RunData:
         self.umap_points = int(settings.get("report_umap_points", cfg.get("report_umap_points", 10_000)))
         self._con = None
         self._classes = None
+        self._ids = None
 
     # ---- what exists --------------------------------------------------------------------
     def done(self, stage: str) -> bool:
@@ -138,13 +139,15 @@ class RunData:
 
     # ---- samples ----------------------------------------------------------------------------
     def image_ids(self) -> np.ndarray:
-        """Every image with an original's vector (the points a map may show), sorted."""
-        layers = self.feature_layers()
-        if not layers:
-            return np.zeros(0, np.int64)
-        files = self.run.parquet_files("features", layer_dir(layers[0]))
-        t = parquet_dataset(files).to_table(columns=["image_id"], filter=pc.field("view") == "orig")
-        return np.sort(t.column("image_id").to_numpy())
+        """Every image with an original's vector (the points a map may show), sorted (read once)."""
+        if self._ids is None:
+            layers = self.feature_layers()
+            if not layers:
+                return np.zeros(0, np.int64)
+            files = self.run.parquet_files("features", layer_dir(layers[0]))
+            t = parquet_dataset(files).to_table(columns=["image_id"], filter=pc.field("view") == "orig")
+            self._ids = np.sort(t.column("image_id").to_numpy())
+        return self._ids
 
     def sample(self, ids: np.ndarray, n: int, salt: int = 0) -> np.ndarray:
         if len(ids) <= n:
@@ -156,7 +159,7 @@ class RunData:
         files = self.run.parquet_files("features", layer_dir(features))
         want = pa.array(ids, pa.int64())
         out, got = None, np.zeros(0, np.int64)
-        parts_ids, parts_vec = [], []
+        parts_ids, parts_vec = [], []  # shard by shard: only the sampled rows are kept
         ds = parquet_dataset(files)
         for batch in ds.to_batches(columns=["image_id", "vec"],
                                    filter=(pc.field("view") == "orig") & pc.field("image_id").isin(want)):

@@ -61,7 +61,7 @@ def distance_histograms(hist: dict, title: str) -> str:
         ax.set_xlabel("distance")
         ax.set_ylabel("share of the group's pairs")
         ax.legend(frameon=False, fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1.04)
     return png(fig)
 
 
@@ -199,7 +199,7 @@ def cam_overlays(rows: list[tuple[str, list[tuple[str, np.ndarray, np.ndarray | 
                 ax.imshow(cam, cmap="jet", alpha=0.45, vmin=vmin, vmax=vmax, extent=(-0.5, w - 0.5, h - 0.5, -0.5),
                           interpolation="bilinear")
             ax.set_title(view if j else f"{_short(name, 22)}\n{view}", fontsize=7)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1.02)
     return png(fig)
 
 
@@ -223,5 +223,5 @@ def roc_overlay(curves: list[tuple[str, dict, dict]], title: str) -> str:
         ax.set_xlabel("different-class pairs within d")
         ax.set_ylabel("same-class pairs within d")
         ax.legend(frameon=False, fontsize=7, loc="lower right")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1.04)
     return png(fig)
