@@ -240,7 +240,8 @@ def check_page(driver, path: str | os.PathLike, screenshot: str | os.PathLike | 
     loaded_at = []
 
     def settled(state):
-        if state["ready_state"] != "complete":
+        # None: the script ran while the page was being replaced (an alert, a navigation): ask again
+        if state is None or state["ready_state"] != "complete":
             return False
         loaded_at[:] = loaded_at or [time.monotonic()]
         # BokehJS but no Bokeh document yet, nor a root to embed one in: one may still come from a
