@@ -1,7 +1,8 @@
 """The report's cost: wall time, peak RSS and page size of `featscope report`, on a real
 20,000-image run and on a 1,000,000-image synthetic run (features, kNN edges and images written
 directly, as benchmarks/queries.py does; the measures then computed by the analyze stage's own
-code), each report in a fresh process measured by getrusage.
+code), each report in a fresh process; peak RSS is that of its whole process tree (the report
+and its UMAP worker process, summed), sampled every 50 ms.
 
 The 20k run: builtin:shapes (20,000 images, 32 px), the built-in CNN trained 2 epochs on the
 spot, views noise:0.05 and shift:2; `featscope run` made once (with --keep DIR it is kept and
@@ -37,12 +38,26 @@ sys.path.insert(0, ROOT)
 
 SHARD = 4096  # images per shard, as the ingest stage writes them
 MEASURE = """
-import resource, subprocess, sys, json, time
+import json, subprocess, sys, time
+import psutil
 t0 = time.perf_counter()
-res = subprocess.run(sys.argv[1:], capture_output=True, text=True)
-wall = time.perf_counter() - t0
-print(json.dumps({"rc": res.returncode, "wall": wall, "stdout": res.stdout, "stderr": res.stderr[-2000:],
-                  "maxrss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+peak = 0
+import threading
+out = {}
+reader = threading.Thread(target=lambda: out.update(zip(("stdout", "stderr"), proc.communicate())))
+reader.start()
+root = psutil.Process(proc.pid)
+while reader.is_alive():  # the process tree's RSS summed (the report and its UMAP worker), every 50 ms
+    try:
+        tree = [root] + root.children(recursive=True)
+        peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+    except psutil.Error:
+        pass
+    time.sleep(0.05)
+reader.join()
+print(json.dumps({"rc": proc.returncode, "wall": time.perf_counter() - t0, "stdout": out["stdout"],
+                  "stderr": out["stderr"][-2000:], "maxrss_kb": peak // 1024}))
 """
 
 

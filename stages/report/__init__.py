@@ -122,11 +122,20 @@ class Builder:
                  ("distances", "3. Distances, agreement and confusion per layer", self.distances),
                  ("maps", "4. Maps", self.maps), ("neighbors", "5. Neighbours", self.neighbors),
                  ("continuity", "6. Continuity", self.continuity), ("errors", "7. Errors", self.errors)]
+        if self.d.done("extract"):
+            self.prepare_maps()  # UMAP starts in a worker now, while the sections are made
+        pending = any(l["umap"] is not None for l in (getattr(self, "_maps", None) or {}).get("layers", []))
+        steps = steps + ([("umap", "UMAP maps", None)] if pending else [])  # the bar waits for them too
         bar = self.progress(steps, desc="report", unit="section") if self.progress else steps
         for anchor, title, make in bar:
+            if make is None:
+                self.finish_maps()
+                continue
             need = NEEDS[anchor]
             body = make() if self.d.done(need) else page.missing(title.split(". ", 1)[1], need)
             self.sections.append((anchor, title, body))
+        if not pending:
+            self.finish_maps()  # (empties the slot)
         name = os.path.basename(self.d.run.root.rstrip("/")) or self.d.run.root
         return page.document(f"featscope report: {name}", self.sections, self.head,
                              subtitle=f"run {self.d.run.root}; made {time.strftime('%Y-%m-%d %H:%M')}")
@@ -195,40 +204,29 @@ class Builder:
         return "".join(out)
 
     # ---- 4 ---------------------------------------------------------------------------------
-    def maps(self) -> str:
+    UMAP_SLOT = "<!--umap-figures-->"
+
+    def prepare_maps(self) -> None:
+        """Read the maps' points and vectors, and start the UMAP projections in a worker process
+        (maps.project_in_worker) so that they run while the other sections are made."""
         from . import maps
 
         ids_all = self.d.image_ids()
         ids = self.d.sample(ids_all, self.d.points, salt=1)
         self.map_points, self.map_sampled = len(ids), len(ids) < len(ids_all)
+        self._maps = {"ids": ids, "ids_all": ids_all, "layers": []}
         if not len(ids):
-            return "<p>No image has vectors.</p>"
+            return
         rows = self.d.image_rows_light(ids)
-        labels = np.array([rows[int(i)][0] for i in ids], np.int64)
-        names = self.d.classes()
-        preds_map = self.d.predictions_of(ids)
-        preds = np.array([preds_map.get(int(i), (-1, 0))[0] for i in ids], np.int64)
-        pred_names = {c: names.get(c, str(c)) for c in set(preds.tolist())}
-        methods = ["pca"] + (["umap"] if maps.umap_available() and self.d.umap_points else [])
+        self._maps["labels"] = np.array([rows[int(i)][0] for i in ids], np.int64)
+        umap_on = maps.umap_available() and self.d.umap_points > 0
         umap_rows = np.arange(len(ids))
-        if len(ids) > self.d.umap_points > 0:  # UMAP costs ~50x PCA: a seeded sample of the map's points
+        if umap_on and len(ids) > self.d.umap_points:  # UMAP costs ~50x PCA: a seeded sample of the points
             umap_rows = np.sort(np.random.default_rng([self.d.seed, 4]).choice(len(ids), self.d.umap_points,
                                                                                 replace=False))
-        notes = [f"{len(ids):,} points" + (f": a seeded sample (seed {self.d.seed}) of the {len(ids_all):,} images, "
-                                            f"above the report_points budget of {self.d.points:,}"
-                                            if self.map_sampled else " (every image)") + "."]
-        if "umap" not in methods:
-            notes.append("UMAP maps need umap-learn: pip install 'featscope[umap]'." if self.d.umap_points else
-                         "No UMAP maps (report_umap_points = 0).")
-        elif len(umap_rows) < len(ids):
-            notes.append(f"UMAP maps: a seeded sample of {len(umap_rows):,} of those points (report_umap_points).")
-        parts = [f'<p class="note">{page.esc(" ".join(notes))} Colour: label; black ring: fewer than half of the '
-                 'image\'s k neighbours carry its label.</p>']
-        static = []
+        self._maps.update(umap_on=umap_on, umap_rows=umap_rows)
         layers = self.d.index_layers() if self.d.done("knn") else []
-        feature_only = [] if layers else self.d.feature_layers()
-        first = True
-        for layer in layers or feature_only:
+        for layer in layers or self.d.feature_layers():
             entry = self.d.layer_entry(layer) if layers else {"features": layer, "metric": "l2"}
             vec = self.d.vectors(entry["features"], ids)
             agreement = np.ones(len(ids), np.float32)
@@ -236,26 +234,67 @@ class Builder:
                 t = self.d.rows_for("image_agreement", ids, layer, columns=["image_id", "agreement"])
                 got = dict(zip(t.column("image_id").to_pylist(), t.column("agreement").to_pylist()))
                 agreement = np.array([got.get(int(i), 1.0) for i in ids], np.float32)
-            for method in methods:
-                rows_m = umap_rows if method == "umap" else np.arange(len(ids))
-                xy = maps.project(vec[rows_m], method, entry["metric"], self.d.seed)
-                title = f"{layer}: {method.upper()}"
-                if first:
-                    first = False
-                    thumb_ids = self.d.sample(ids, self.d.thumbnails, salt=2)
-                    thumbs = self.d.thumbnails_of(thumb_ids)
-                    script, div = maps.interactive_map(xy, ids, labels, names, preds, pred_names, agreement, thumbs,
-                                                       title)
-                    self.head = maps.bokeh_resources()
-                    parts.append(f'<h3>{page.esc(title)} (interactive: pan, zoom, lasso; hover for the image)</h3>'
-                                 f'<p class="note">{len(thumbs):,} points show their image on hover '
-                                 f'(report_thumbnails).</p><div id="interactive-map">{div}</div>{script}')
-                    continue
-                static.append(self.fig(figures.scatter_map(xy, labels[rows_m], agreement[rows_m] < 0.5, names, title),
-                                       f"{method} map of {layer}"))
-        if static:
-            parts.append('<div class="figs">' + "".join(f"<div>{s}</div>" for s in static) + "</div>")
+            umap = maps.project_in_worker(vec[umap_rows], "umap", entry["metric"], self.d.seed) if umap_on else None
+            self._maps["layers"].append({"layer": layer, "metric": entry["metric"], "vec": vec,
+                                         "agreement": agreement, "umap": umap})
+
+    def maps(self) -> str:
+        from . import maps
+
+        m = getattr(self, "_maps", None) or {}
+        ids, ids_all = m.get("ids", np.zeros(0)), m.get("ids_all", np.zeros(0))
+        if not len(ids):
+            return "<p>No image has vectors.</p>"
+        labels, names = m["labels"], self.d.classes()
+        preds_map = self.d.predictions_of(ids)
+        preds = np.array([preds_map.get(int(i), (-1, 0))[0] for i in ids], np.int64)
+        pred_names = {c: names.get(c, str(c)) for c in set(preds.tolist())}
+        notes = [f"{len(ids):,} points" + (f": a seeded sample (seed {self.d.seed}) of the {len(ids_all):,} images, "
+                                            f"above the report_points budget of {self.d.points:,}"
+                                            if self.map_sampled else " (every image)") + "."]
+        if not m["umap_on"]:
+            notes.append("UMAP maps need umap-learn: pip install 'featscope[umap]'." if self.d.umap_points else
+                         "No UMAP maps (report_umap_points = 0).")
+        elif len(m["umap_rows"]) < len(ids):
+            notes.append(f"UMAP maps: a seeded sample of {len(m['umap_rows']):,} of those points (report_umap_points).")
+        parts = [f'<p class="note">{page.esc(" ".join(notes))} Colour: label; black ring: fewer than half of the '
+                 'image\'s k neighbours carry its label.</p>']
+        static = []
+        for n, lay in enumerate(m["layers"]):
+            xy = maps.project(lay["vec"], "pca", lay["metric"], self.d.seed)
+            title = f"{lay['layer']}: PCA"
+            if n == 0:  # the first layer's PCA is the interactive map
+                thumbs = self.d.thumbnails_of(self.d.sample(ids, self.d.thumbnails, salt=2))
+                script, div = maps.interactive_map(xy, ids, labels, names, preds, pred_names, lay["agreement"], thumbs,
+                                                   title)
+                self.head = maps.bokeh_resources()
+                parts.append(f'<h3>{page.esc(title)} (interactive: pan, zoom, lasso; hover for the image)</h3>'
+                             f'<p class="note">{len(thumbs):,} points show their image on hover '
+                             f'(report_thumbnails).</p><div id="interactive-map">{div}</div>{script}')
+                continue
+            static.append(self.fig(figures.scatter_map(xy, labels, lay["agreement"] < 0.5, names, title),
+                                   f"pca map of {lay['layer']}"))
+        parts.append('<div class="figs">' + "".join(f"<div>{s}</div>" for s in static) + self.UMAP_SLOT + "</div>")
         return "".join(parts)
+
+    def finish_maps(self) -> None:
+        """The UMAP figures, once their projections are back, into the maps section's slot."""
+        m = getattr(self, "_maps", None) or {}
+        figs = []
+        for lay in m.get("layers", []):
+            if lay["umap"] is None:
+                continue
+            rows = m["umap_rows"]
+            try:
+                xy = lay["umap"].result()
+            except Exception as exc:  # noqa: BLE001 - a failed projection is a note, not a failed report
+                figs.append(f'<p class="note">UMAP of {page.esc(lay["layer"])} failed: '
+                            f'{page.esc(type(exc).__name__)}: {page.esc(str(exc).splitlines()[0] if str(exc) else "")}</p>')
+                continue
+            figs.append("<div>" + self.fig(figures.scatter_map(xy, m["labels"][rows], lay["agreement"][rows] < 0.5,
+                                                               self.d.classes(), f"{lay['layer']}: UMAP"),
+                                           f"umap map of {lay['layer']}") + "</div>")
+        self.sections = [(a, t, b.replace(self.UMAP_SLOT, "".join(figs))) for a, t, b in self.sections]
 
     # ---- 5 ---------------------------------------------------------------------------------
     def neighbors(self) -> str:

@@ -35,6 +35,29 @@ def project(vectors: np.ndarray, method: str, metric: str, seed: int) -> np.ndar
         return reducer.fit_transform(x).astype(np.float32)
 
 
+_WORKER = None
+
+
+def project_in_worker(vectors: np.ndarray, method: str, metric: str, seed: int):
+    """`project` in one worker process kept for the life of this one (a Future): UMAP's numba code
+    compiles there once (~45 s on 2 cores; not cached on disk) while the report's other sections
+    are made here, and later reports in the same process (a notebook, a test session) reuse it."""
+    global _WORKER
+    import concurrent.futures
+    import multiprocessing
+
+    for _ in range(2):
+        if _WORKER is None:
+            # spawn: a fresh interpreter (forking a process with DuckDB's and Arrow's threads is unsafe)
+            _WORKER = concurrent.futures.ProcessPoolExecutor(max_workers=1,
+                                                             mp_context=multiprocessing.get_context("spawn"))
+        try:
+            return _WORKER.submit(project, vectors, method, metric, seed)
+        except concurrent.futures.process.BrokenProcessPool:  # the worker died (killed, out of memory)
+            _WORKER = None
+    raise RuntimeError("the UMAP worker process cannot be started")
+
+
 def bokeh_resources() -> str:
     """BokehJS inlined (no CDN): the <script> tags the page's head carries."""
     from bokeh.resources import Resources
