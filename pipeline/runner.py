@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import time
@@ -35,16 +36,41 @@ def versions() -> dict:
     return out
 
 
+# Ray's log lines that tell a featscope user nothing they can act on (ray.init's note that token
+# authentication is on, ray.data's note that its own progress bars are off: featscope draws one
+# per stage); each is dropped by exact text, at its own logger, so every other warning still shows
+_RAY_NOISE = {"ray._private.authentication.authentication_token_setup": "Token authentication is enabled for this",
+              "ray.data._internal.progress": "Progress bars disabled."}
+
+
+class _DropRayNoise(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.text)
+
+
+def quiet_ray_notes() -> None:
+    for name, text in _RAY_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropRayNoise) for f in logger.filters):
+            logger.addFilter(_DropRayNoise(text))
+
+
 def connect_ray(num_cpus: int | None = None) -> None:
     """RAY_ADDRESS (or a job submitted with `ray job submit`) selects a cluster; else an embedded Ray."""
     import ray
 
     if ray.is_initialized():
         return
+    quiet_ray_notes()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     kwargs = dict(ignore_reinit_error=True, include_dashboard=False, log_to_driver=True,
                   logging_level="WARNING", configure_logging=True)
     if os.environ.get("RAY_ADDRESS"):
+        check_reachable(os.environ["RAY_ADDRESS"])
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
         # "local": always a new embedded Ray; a bare ray.init() would attach to any cluster whose
@@ -55,9 +81,29 @@ def connect_ray(num_cpus: int | None = None) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # we draw one bar per stage ourselves
     ctx.print_on_execution_start = False
-    import logging
-
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """A cluster address that nothing answers on is one line within `timeout` seconds, not
+    ray.init's retries (it waits minutes on a dead GCS, printing only its own lines)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if address in ("auto", "local") or "://" in address and not address.startswith(("ray://", "http://", "https://")):
+        return
+    parsed = urlparse(address if "://" in address else "tcp://" + address)
+    host, port = parsed.hostname, parsed.port or (10001 if address.startswith("ray://") else 6379)
+    if not host:
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise UserError(f"cannot reach the Ray cluster at {address} (RAY_ADDRESS): {exc.strerror or exc}; "
+                        f"start it, or unset RAY_ADDRESS for an embedded Ray on this machine") from None
 
 
 def ray_info() -> dict:
@@ -185,6 +231,11 @@ def run_pipeline(cfg: Config, quiet: bool = False, module=None) -> dict:
 
     set_quiet(quiet)  # progress bars and notes on stderr; none in --format json
     prep = Prepared(cfg, module)  # raises UserError before any work
+    if os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        if not ray.is_initialized():
+            check_reachable(os.environ["RAY_ADDRESS"])  # before the run directory is made
     run = prep.run
     if cfg.overwrite:
         run.wipe()

@@ -1,0 +1,71 @@
+"""Connecting to Ray never hangs and says nothing a featscope user cannot act on: a stale cluster
+address in Ray's temp dir is ignored (an embedded Ray starts), an address nothing answers on is
+one line within seconds, and two of Ray's own notes (token auth on, its progress bars off) are
+not printed. (Ray Data's "constructor arguments in the object store ... ray-project/ray#53727"
+line still is: the core worker prints it for every actor pool with max_restarts > 0.)"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOISE = ("Token authentication is enabled", "Progress bars disabled", "Failed to connect to GCS")
+SMALL = ["--data", "builtin:shapes?n=48&size=32", "--stages", "ingest,train,extract", "--set", "train_epochs=1",
+         "--set", "perturb=[]"]
+
+
+@pytest.fixture
+def stale_ray_tmpdir():
+    """A RAY_TMPDIR whose ray/ray_current_cluster names a cluster that is gone (as a killed
+    `ray start --head` leaves it). Short: Ray's socket paths must fit in 107 bytes."""
+    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    os.makedirs(os.path.join(tmp, "ray"))
+    with open(os.path.join(tmp, "ray", "ray_current_cluster"), "w") as fh:
+        fh.write("127.0.0.1:6399")
+    yield tmp
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    return {**env, **extra}
+
+
+def test_the_stale_address_is_what_ray_itself_would_use(stale_ray_tmpdir):
+    """The premise: a bare ray.init() under this RAY_TMPDIR goes for the dead address."""
+    code = "import ray._private.services as s; print(s.canonicalize_bootstrap_address('auto'))"
+    done = subprocess.run([sys.executable, "-c", code], env=_env(RAY_TMPDIR=stale_ray_tmpdir), capture_output=True,
+                          text=True, timeout=120)
+    assert "6399" in done.stdout + done.stderr
+
+
+def test_run_ignores_a_stale_cluster_address(stale_ray_tmpdir, tmp_path):
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "featscope.cli", "run", *SMALL, "--out", str(out)], cwd=ROOT,
+                          env=_env(RAY_TMPDIR=stale_ray_tmpdir), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "stats" / "extract").is_dir()
+    for line in NOISE:  # nor any of Ray's notes
+        assert line not in done.stderr, line
+
+
+def test_an_unreachable_cluster_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "featscope.cli", "run", *SMALL, "--out", str(out)], cwd=ROOT,
+                          env=_env(RAY_ADDRESS="127.0.0.1:1"), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach the Ray cluster at 127.0.0.1:1 (RAY_ADDRESS)" in lines[0]
+    assert not out.exists()  # checked before the run directory is made
+
+
+def test_check_reachable_leaves_auto_to_ray():
+    from featscope.pipeline.runner import check_reachable
+
+    check_reachable("auto")  # nothing to probe: Ray resolves it (and "local" starts one)
+    check_reachable("local")
