@@ -93,8 +93,8 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
     import socket
     from urllib.parse import urlparse
 
-    if address in ("auto", "local") or "://" in address and not address.startswith(("ray://", "http://", "https://")):
-        return
+    if address in ("auto", "local") or "://" in address and not address.startswith("ray://"):
+        return  # Ray resolves these itself (http(s):// is a job server's, which ray.init refuses)
     parsed = urlparse(address if "://" in address else "tcp://" + address)
     host, port = parsed.hostname, parsed.port or (10001 if address.startswith("ray://") else 6379)
     if not host:

@@ -35,8 +35,8 @@ from featscope.core.config import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # the order the analyze stage runs them in
-MEASURES = ("knn_agreement", "class_distances", "per_class", "suspicious", "continuity", "layer_comparison",
-            "image_agreement", "distance_histogram", "continuity_images")
+MEASURES = ("knn_agreement", "class_distances", "distance_histogram", "per_class", "suspicious", "continuity",
+            "layer_comparison", "image_agreement", "continuity_images")
 # measure -> the measures whose results_<measure> tables it reads
 READS = {"class_distances": ("knn_agreement",),
          "suspicious": ("knn_agreement",),

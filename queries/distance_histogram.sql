@@ -7,7 +7,8 @@
 --   layer, scope, bin (0 .. bins-1), bin_lo, bin_hi, same_n, diff_n
 -- Summed over the bins, same_n and diff_n are class_distances' same_n and diff_n. Cumulated from
 -- bin 0, same_n / (all same) against diff_n / (all different) is the ROC curve of distance as a
--- same-class score at the bins' upper edges: the curve whose area is class_distances' auc.
+-- same-class score at the bins' upper edges: the curve behind class_distances' auc (whose exact
+-- value is computed there from every pair; the area under this binned curve approaches it).
 --
 -- Reads class_distances.sql's pairs (results_class_distances_pairs): in the DuckDB CLI, after
 -- `.read RUN/catalog.sql`, `.read queries/knn_agreement.sql` and `.read queries/class_distances.sql`

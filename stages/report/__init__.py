@@ -127,13 +127,19 @@ class Builder:
         pending = any(l["umap"] is not None for l in (getattr(self, "_maps", None) or {}).get("layers", []))
         steps = steps + ([("umap", "UMAP maps", None)] if pending else [])  # the bar waits for them too
         bar = self.progress(steps, desc="report", unit="section") if self.progress else steps
-        for anchor, title, make in bar:
-            if make is None:
-                self.finish_maps()
-                continue
-            need = NEEDS[anchor]
-            body = make() if self.d.done(need) else page.missing(title.split(". ", 1)[1], need)
-            self.sections.append((anchor, title, body))
+        try:
+            for anchor, title, make in bar:
+                if make is None:
+                    self.finish_maps()
+                    continue
+                need = NEEDS[anchor]
+                body = make() if self.d.done(need) else page.missing(title.split(". ", 1)[1], need)
+                self.sections.append((anchor, title, body))
+        except BaseException:  # the worker is shared: do not leave it projecting for a failed page
+            for lay in (getattr(self, "_maps", None) or {}).get("layers", []):
+                if lay["umap"] is not None:
+                    lay["umap"].cancel()
+            raise
         if not pending:
             self.finish_maps()  # (empties the slot)
         name = os.path.basename(self.d.run.root.rstrip("/")) or self.d.run.root
@@ -228,7 +234,11 @@ class Builder:
         layers = self.d.index_layers() if self.d.done("knn") else []
         for layer in layers or self.d.feature_layers():
             entry = self.d.layer_entry(layer) if layers else {"features": layer, "metric": "l2"}
-            vec = self.d.vectors(entry["features"], ids)
+            try:
+                vec = self.d.vectors(entry["features"], ids)
+            except ValueError as exc:  # a layer whose extraction is unfinished: a note, not a failed page
+                self._maps.setdefault("skipped", []).append(f"{layer}: {exc}")
+                continue
             agreement = np.ones(len(ids), np.float32)
             if layers and self.d.result_exists("image_agreement"):
                 t = self.d.rows_for("image_agreement", ids, layer, columns=["image_id", "agreement"])
@@ -244,7 +254,7 @@ class Builder:
         m = getattr(self, "_maps", None) or {}
         ids, ids_all = m.get("ids", np.zeros(0)), m.get("ids_all", np.zeros(0))
         if not len(ids):
-            return "<p>No image has vectors.</p>"
+            return "<p>No points: report_points = 0.</p>" if len(ids_all) else "<p>No image has vectors.</p>"
         labels, names = m["labels"], self.d.classes()
         preds_map = self.d.predictions_of(ids)
         preds = np.array([preds_map.get(int(i), (-1, 0))[0] for i in ids], np.int64)
@@ -257,6 +267,7 @@ class Builder:
                          "No UMAP maps (report_umap_points = 0).")
         elif len(m["umap_rows"]) < len(ids):
             notes.append(f"UMAP maps: a seeded sample of {len(m['umap_rows']):,} of those points (report_umap_points).")
+        notes += [f"Left out: {s}." for s in m.get("skipped", [])]
         parts = [f'<p class="note">{page.esc(" ".join(notes))} Colour: label; black ring: fewer than half of the '
                  'image\'s k neighbours carry its label.</p>']
         static = []

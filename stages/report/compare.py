@@ -15,7 +15,7 @@ from . import HIGHER, LOWER, figures, page
 from .data import RunData
 
 
-def _delta_cells(columns, row, labels) -> str:
+def _delta_cells(columns, row) -> str:
     """A compare row as cells; a delta is green where it is better, red where worse."""
     fig = row[columns.index("figure")]
     out = []
@@ -29,9 +29,9 @@ def _delta_cells(columns, row, labels) -> str:
     return "<tr>" + "".join(out) + "</tr>"
 
 
-def _compare_table(columns, rows, labels, table_id: str) -> str:
+def _compare_table(columns, rows, table_id: str) -> str:
     head = "".join(f"<th>{page.esc(c)}</th>" for c in columns)
-    body = "".join(_delta_cells(columns, r, labels) for r in rows)
+    body = "".join(_delta_cells(columns, r) for r in rows)
     return f'<div class="scroll"><table id="{page.esc(table_id)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
@@ -56,7 +56,7 @@ def write_compare(paths: list[str], out_file: str) -> str:
         columns, rows = compare(paths, "layer_comparison")
         body = ('<p class="note">Each figure of each layer in every run, then each run minus the first (green: '
                 'better, red: worse, where the figure has a direction). <code>featscope compare</code> prints '
-                'the same rows.</p>' + _compare_table(columns, rows, labels, "compare-layers"))
+                'the same rows.</p>' + _compare_table(columns, rows, "compare-layers"))
     else:
         body = page.missing("The layer comparison", "analyze")
     sections.append(("layers", "2. Layers, poolings and metrics", body))
@@ -96,6 +96,9 @@ def write_compare(paths: list[str], out_file: str) -> str:
                 continue
             ids_all = r.image_ids()
             ids = r.sample(ids_all, min(r.points, 20_000), salt=1)
+            if not len(ids):
+                figs.append(f"<p>{page.esc(label)}: no points (report_points = 0, or no vectors).</p>")
+                continue
             entry = r.layer_entry(layer)
             xy = maps.project(r.vectors(entry["features"], ids), "pca", entry["metric"], r.seed)
             lab = r.image_rows_light(ids)
@@ -115,7 +118,7 @@ def write_compare(paths: list[str], out_file: str) -> str:
     if all(r.result_exists("continuity") for r in runs):
         columns, rows = compare(paths, "continuity")
         rows = [r for r in rows if r[columns.index("scope")] == "all"]
-        body = _compare_table(columns, rows, labels, "compare-continuity") if rows else \
+        body = _compare_table(columns, rows, "compare-continuity") if rows else \
             "<p>The runs made no perturbed views.</p>"
     else:
         body = page.missing("Continuity", "analyze")

@@ -281,15 +281,35 @@ class RunData:
 
         from featscope.core.rundir import read_bytes
 
-        results = {os.path.basename(f): hashlib.sha256(read_bytes(f)).hexdigest()[:16]
-                   for f in sorted(self.run.parquet_files("results"))}
+        from featscope.core.rundir import file_sha256
+
+        from .maps import umap_available
+
+        def digest(f: str) -> str:  # local files in 1 MB chunks (results grow with N); remote ones whole
+            return (file_sha256(f) if self.run.local else hashlib.sha256(read_bytes(f)).hexdigest())[:16]
+
+        results = {os.path.basename(f): digest(f) for f in sorted(self.run.parquet_files("results"))}
         stages = sorted(s for s, v in (self.meta.get("stages") or {}).items()
                         if v.get("status") == "done" and s != "report")
         folders = {f: len(self.run.parquet_files(f)) for f in ("images", "errors")}
         folders.update({f"features/{l}": len(self.run.parquet_files("features", layer_dir(l))) for l in self.feature_layers()})
         return {"fingerprint": self.meta.get("fingerprint"), "stages": stages, "results": results, "folders": folders,
                 "points": self.points, "thumbnails": self.thumbnails, "queries": self.queries,
-                "umap_points": self.umap_points, "seed": self.seed}
+                "umap_points": self.umap_points, "seed": self.seed, "umap": umap_available(),
+                "versions": _versions()}
+
+
+def _versions() -> dict:
+    """The libraries that draw the page: another version, another page."""
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("featscope", "bokeh", "matplotlib", "umap-learn"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
 
 
 def thumbnail_uri(data: bytes | None, size: int = 48) -> str | None:

@@ -4,6 +4,7 @@ Bokeh map (pan, zoom, lasso, hover with the image) whose JS is inlined, so the p
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 
@@ -35,27 +36,107 @@ def project(vectors: np.ndarray, method: str, metric: str, seed: int) -> np.ndar
         return reducer.fit_transform(x).astype(np.float32)
 
 
-_WORKER = None
+class _Worker:
+    """One `python -c ...serve()` process kept for the life of this one, projecting in turn what
+    `submit` hands it (pickled over its stdin / stdout). A plain subprocess, not multiprocessing:
+    spawn would re-run the caller's script (its `__main__`) in the child, and a script that calls
+    featscope.run unguarded would run the pipeline again there."""
+
+    def __init__(self):
+        import queue
+        import subprocess
+        import sys
+        import threading
+
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self.proc = subprocess.Popen([sys.executable, "-c", "from featscope.stages.report.maps import serve; serve()"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.jobs: queue.Queue = queue.Queue()
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def submit(self, *args):
+        from concurrent.futures import Future
+
+        future = Future()
+        self.jobs.put((future, args))
+        return future
+
+    def _loop(self) -> None:
+        while True:
+            future, args = self.jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                _send(self.proc.stdin, args)
+                ok, value = _receive(self.proc.stdout)
+            except Exception as exc:  # noqa: BLE001 - the worker died: this job and the next fail
+                self.proc.kill()
+                future.set_exception(RuntimeError(f"the UMAP worker process ended ({type(exc).__name__})"))
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(RuntimeError(value))
+
+
+def _send(fh, obj) -> None:
+    import pickle
+    import struct
+
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    fh.write(struct.pack("<Q", len(data)) + data)
+    fh.flush()
+
+
+def _receive(fh):
+    import pickle
+    import struct
+
+    def read(n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = fh.read(n - len(buf))
+            if not chunk:
+                raise EOFError("the other side closed the pipe")
+            buf += chunk
+        return buf
+
+    return pickle.loads(read(struct.unpack("<Q", read(8))[0]))
+
+
+def serve() -> None:
+    """The worker's loop: (vectors, method, metric, seed) in, (ok, xy or the error's line) out;
+    it ends when its parent closes the pipe (the parent ended)."""
+    import sys
+
+    proto_in, proto_out = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # whatever a library prints goes to stderr, not into the protocol
+    while True:
+        try:
+            args = _receive(proto_in)
+        except EOFError:
+            return
+        try:
+            reply = (True, project(*args))
+        except Exception as exc:  # noqa: BLE001 - reported to the parent as one line
+            reply = (False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        _send(proto_out, reply)
+
+
+_WORKER: _Worker | None = None
 
 
 def project_in_worker(vectors: np.ndarray, method: str, metric: str, seed: int):
-    """`project` in one worker process kept for the life of this one (a Future): UMAP's numba code
-    compiles there once (~45 s on 2 cores; not cached on disk) while the report's other sections
-    are made here, and later reports in the same process (a notebook, a test session) reuse it."""
+    """`project` in the worker process (a Future): UMAP's numba code compiles there once (~45 s on
+    2 cores; not cached on disk) while the report's other sections are made here, and later reports
+    in the same process (a notebook, a test session) reuse it."""
     global _WORKER
-    import concurrent.futures
-    import multiprocessing
-
-    for _ in range(2):
-        if _WORKER is None:
-            # spawn: a fresh interpreter (forking a process with DuckDB's and Arrow's threads is unsafe)
-            _WORKER = concurrent.futures.ProcessPoolExecutor(max_workers=1,
-                                                             mp_context=multiprocessing.get_context("spawn"))
-        try:
-            return _WORKER.submit(project, vectors, method, metric, seed)
-        except concurrent.futures.process.BrokenProcessPool:  # the worker died (killed, out of memory)
-            _WORKER = None
-    raise RuntimeError("the UMAP worker process cannot be started")
+    if _WORKER is None or not _WORKER.alive():
+        _WORKER = _Worker()
+    return _WORKER.submit(vectors, method, metric, seed)
 
 
 def bokeh_resources() -> str:
@@ -107,8 +188,9 @@ def interactive_map(xy: np.ndarray, ids: np.ndarray, labels: np.ndarray, names: 
         data["thumb"] = [thumbs[int(i)] for i in ids[has_thumb]]
         rich = ColumnDataSource(data)
         r_rich = p.scatter("x", "y", source=rich, color="color", size=size, alpha=0.7, line_color=None)
-        # the tooltip's template is Bokeh's own (@column fields, HTML-escaped by BokehJS);
-        # only the thumbnail, a data: URI we made, goes into the src attribute
+        # the tooltip's template is Bokeh's own: BokehJS >= 3.8 HTML-escapes @column fields in it
+        # (pyproject asks for bokeh >= 3.9, the version the browser test ran); only the thumbnail,
+        # a data: URI we made, goes into the src attribute
         p.add_tools(HoverTool(renderers=[r_rich], tooltips="""
             <div><img src="@thumb" width="64" style="image-rendering: pixelated; border: 1px solid #888"></div>
             <div>image @image_id</div><div>label <b>@label</b></div>

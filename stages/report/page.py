@@ -1,8 +1,10 @@
 """HTML building blocks of the report: one self-contained page, every string from the data escaped.
 
-Only this module writes markup. `esc` is applied to every value that came from a run (class and
-file names, URIs, error messages, layer names); numbers carry their exact value in `data-value`
-(what the tests compare with `featscope query`), shown rounded.
+The page's building blocks (tables, cells, images, sections, the document); the sections add
+headings and notes of their own, through `esc` like everything here. `esc` is applied to every
+value that came from a run (class and file names, URIs, error messages, layer names); numbers
+carry their exact value in `data-value` (what the tests compare with `featscope query`), shown
+rounded.
 """
 from __future__ import annotations
 
@@ -47,8 +49,7 @@ def fmt(value) -> str:
 def cell(value, best: bool = False) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         cls = "num best" if best else "num"
-        exact = "" if value is None else repr(value)
-        return f'<td class="{cls}" data-value="{esc(exact)}">{esc(fmt(value))}</td>'
+        return f'<td class="{cls}" data-value="{esc(repr(value))}">{esc(fmt(value))}</td>'
     return f"<td>{esc(fmt(value))}</td>"
 
 
