@@ -65,19 +65,27 @@ def distance_histograms(hist: dict, title: str) -> str:
     return png(fig)
 
 
+def _roc(hist: dict, scope: str):
+    """(different-class share, same-class share) within each bin's upper edge, from 0; None when
+    the scope has no pairs of one kind."""
+    if scope not in hist:
+        return None
+    t = hist[scope]
+    same, diff = t.column("same_n").to_numpy().astype(float), t.column("diff_n").to_numpy().astype(float)
+    if same.sum() == 0 or diff.sum() == 0:
+        return None
+    return np.concatenate([[0], np.cumsum(diff) / diff.sum()]), np.concatenate([[0], np.cumsum(same) / same.sum()])
+
+
 def roc_curves(hist: dict, aucs: dict, title: str) -> str:
     """ROC of distance as a same-class score, from the histogram's cumulative counts (bin upper
     edges as thresholds); the legend's AUC is the measure's own (class_distances)."""
     fig, ax = plt.subplots(figsize=(3.4, 3.2))
     for scope, style in (("knn", "-"), ("global", "--")):
-        if scope not in hist:
+        curve = _roc(hist, scope)
+        if curve is None:
             continue
-        t = hist[scope]
-        same, diff = t.column("same_n").to_numpy().astype(float), t.column("diff_n").to_numpy().astype(float)
-        if same.sum() == 0 or diff.sum() == 0:
-            continue
-        tpr = np.concatenate([[0], np.cumsum(same) / same.sum()])
-        fpr = np.concatenate([[0], np.cumsum(diff) / diff.sum()])
+        fpr, tpr = curve
         auc = aucs.get(scope)
         ax.plot(fpr, tpr, style, label=f"{scope} (AUC {auc:.4f})" if auc is not None else scope)
     ax.plot([0, 1], [0, 1], ":", color="grey", lw=0.8)
@@ -208,16 +216,11 @@ def roc_overlay(curves: list[tuple[str, dict, dict]], title: str) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.2))
     for ax, scope in zip(axes, ("knn", "global")):
         for label, hist, aucs in curves:
-            if scope not in hist:
-                continue
-            t = hist[scope]
-            same, diff = t.column("same_n").to_numpy().astype(float), t.column("diff_n").to_numpy().astype(float)
-            if same.sum() == 0 or diff.sum() == 0:
+            curve = _roc(hist, scope)
+            if curve is None:
                 continue
             auc = aucs.get(scope)
-            ax.plot(np.concatenate([[0], np.cumsum(diff) / diff.sum()]),
-                    np.concatenate([[0], np.cumsum(same) / same.sum()]),
-                    label=f"{_short(label, 24)} (AUC {auc:.4f})" if auc is not None else _short(label, 24))
+            ax.plot(*curve, label=f"{_short(label, 24)} (AUC {auc:.4f})" if auc is not None else _short(label, 24))
         ax.plot([0, 1], [0, 1], ":", color="grey", lw=0.8)
         ax.set_title(f"{scope} pairs", fontsize=9)
         ax.set_xlabel("different-class pairs within d")
