@@ -210,7 +210,8 @@ class Run:
 
     def measure(self, name: str, **params) -> pa.Table:
         """One measure of queries/ (knn_agreement, class_distances, per_class, suspicious,
-        continuity, layer_comparison) with its parameters (layer=..., k=...)."""
+        continuity, explanation_continuity, layer_comparison, ...) with its parameters (layer=...,
+        k=..., method=..., view=...)."""
         return measure_table(self.path, name, _params(params))
 
     # ---- the report ------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--k", type=int)
     r.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)}")
     r.add_argument("--perturb", action="append", help="NAME=STRENGTH (repeatable)")
+    r.add_argument("--explain", help="comma-separated explanation methods: cam, gradcam, saliency, lrp "
+                   "(default: cam where the head is GAP + linear, else gradcam)")
     r.add_argument("--overwrite", action="store_true", default=None)
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
     _add_format(r)
@@ -146,7 +148,7 @@ def print_rows(columns: list[str], rows: list[tuple], fmt: str, out=None) -> Non
 # ---- commands --------------------------------------------------------------------------
 def cmd_run(a) -> int:
     overrides = {k: getattr(a, k) for k in ("data", "model", "weights", "layers", "image_size", "out", "k",
-                                             "stages", "perturb", "overwrite")}
+                                             "stages", "perturb", "overwrite", "explain")}
     cfg = build_config(a.config, overrides, a.set)
     from .pipeline.runner import run_pipeline
 
@@ -174,6 +176,12 @@ def cmd_run(a) -> int:
         columns, rows = continuity_rows(run)
         if rows:
             print("continuity under perturbation (featscope query RUN continuity, per class too):")
+            print_rows(columns, rows, "table")
+        from featscope.stages.analyze import explanation_rows
+
+        columns, rows = explanation_rows(run)
+        if rows:
+            print("explanations under perturbation, over every view (featscope query RUN explanation_continuity):")
             print_rows(columns, rows, "table")
     if summary.get("report"):
         print(f"report: {summary['report']['path']}")

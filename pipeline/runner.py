@@ -19,6 +19,7 @@ from featscope.core.rundir import RunDir, exists, remove_stale_temporaries
 # config keys whose change makes existing ingest/extract output wrong for this run
 _FINGERPRINT_KEYS = ("data", "model", "weights", "layers", "image_size", "resize", "mean", "std", "shard_size",
                      "max_image_pixels", "min_image_side", "save_maps", "perturb", "num_classes",
+                     "explain", "explain_size",
                      "train_epochs", "train_lr", "train_batch_size", "train_term", "train_lambda", "train_margin",
                      "train_miner", "train_on", "train_positive_views", "train_warmup_epochs", "train_pk",
                      "train_workers", "seed")
@@ -200,6 +201,9 @@ class Prepared:
         self.views = list(dict.fromkeys(perturb.view_name(v) for v in cfg.perturb))
         perturb.check_source(cfg.data, self.views)
         self.cam_available = traced.cam_ok
+        from featscope.stages import explain
+
+        self.explain = explain.resolve(cfg.explain, traced, model, cfg.model)
         if self.needs_training:  # the term's settings, before any work (the train stage checks counts)
             from featscope.stages.train import check_training
 
@@ -256,7 +260,7 @@ def run_pipeline(cfg: Config, quiet: bool = False, module=None) -> dict:
                  "views": prep.views,
                  "preprocess": {"image_size": prep.pre.image_size, "resize": prep.pre.resize,
                                 "mean": list(cfg.mean or prep.info.mean), "std": list(cfg.std or prep.info.std)},
-                 "cam": prep.cam_available})
+                 "cam": prep.cam_available, "explain": prep.explain})
     meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     meta.setdefault("stages", {})
     run.create()
@@ -317,7 +321,8 @@ def _model_spec(prep: Prepared) -> dict:
             raise UserError(f"stage 'extract' needs the trained checkpoint {weights}: run the 'train' stage first")
     spec = {"model": cfg.model, "weights": weights, "num_classes": cfg.num_classes or len(prep.classes),
             "layers": [layer.to_dict() for layer in prep.layers], "device": cfg.device, "cfg": cfg.to_dict(),
-            "views": prep.views, "search_path": prep.search_path, "model_sha256": prep.model_sha256}
+            "views": prep.views, "search_path": prep.search_path, "model_sha256": prep.model_sha256,
+            "explain": prep.explain}
     if prep.module is not None:
         import ray
 

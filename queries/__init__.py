@@ -36,7 +36,8 @@ from featscope.core.config import UserError
 HERE = os.path.dirname(os.path.abspath(__file__))
 # the order the analyze stage runs them in
 MEASURES = ("knn_agreement", "class_distances", "distance_histogram", "per_class", "suspicious", "continuity",
-            "layer_comparison", "image_agreement", "continuity_images")
+            "explanation_continuity", "layer_comparison", "image_agreement", "continuity_images",
+            "explanation_images")
 # measure -> the measures whose results_<measure> tables it reads
 READS = {"class_distances": ("knn_agreement",),
          "suspicious": ("knn_agreement",),
@@ -44,7 +45,8 @@ READS = {"class_distances": ("knn_agreement",),
          "layer_comparison": ("knn_agreement", "class_distances"),
          "image_agreement": ("knn_agreement",),
          "distance_histogram": ("class_distances",),  # (which reads knn_agreement: _ensure follows it)
-         "continuity_images": ("continuity",)}
+         "continuity_images": ("continuity",),
+         "explanation_images": ("explanation_continuity",)}
 _PARAM = re.compile(r"^SET VARIABLE (\w+) = coalesce\(getvariable\('(\w+)'\), (.*)\)::(\w+);\s*$", re.M)
 
 
@@ -98,6 +100,10 @@ def _check(measure: str, given: dict, meta: dict | None) -> None:
     if given.get("layer") is not None and given["layer"] not in layers:
         raise UserError(f"unknown layer '{given['layer']}' for {measure} (layers of this run: "
                         f"{', '.join(layers) or 'none'})")
+    methods = meta.get("explain") or []
+    if given.get("method") is not None and given["method"] not in methods:
+        raise UserError(f"unknown explanation method '{given['method']}' for {measure} (methods of this run: "
+                        f"{', '.join(methods) or 'none'})")
     run_k = (meta.get("config") or {}).get("k")
     if given.get("k") is not None and run_k and int(given["k"]) > run_k:
         raise UserError(f"k={given['k']} is more than the run's k={run_k}")

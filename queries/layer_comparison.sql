@@ -10,7 +10,14 @@
 --   continuity_accuracy, lipschitz_mean, twin_rank_mean
 --                      continuity.sql's figures averaged over every perturbed view of the run
 --                      (NULL when the run made no views; per view: continuity.sql)
--- Rows are ordered best first by map_at_r, then agreement: higher is better for agreement,
+--   kind               'features' for the rows above; 'explanation' for one row per explanation method
+--                      the run stored (layer 'explain:<method>'), whose kNN and distance columns are
+--                      NULL and whose explanation_* columns are explanation_continuity.sql's over
+--                      every view: continuity_mean, continuity_eq_mean (equivariance-corrected),
+--                      spearman_eq_mean, topk_iou_eq_mean, sensitivity_mean (||E - E'|| / ||E||)
+-- Feature rows come first, then explanation rows, best first by spearman_eq_mean (the
+-- continuity ratios depend on each method's scale; the rank correlation does not).
+-- Feature rows are ordered best first by map_at_r, then agreement: higher is better for agreement,
 -- knn_accuracy, precision_at_1, r_precision, map_at_r and auc; lower for same_diff_ratio and
 -- triplet_violation_rate. Distances of different metrics are not comparable with each other;
 -- the ranks, AUCs and rates are.
@@ -76,6 +83,20 @@ continuity AS (
     FROM twins t
     JOIN perturbations p ON p.image_id = t.image_id AND p.view = t.view
     GROUP BY t.layer
+),
+
+-- one row per explanation method, over every (image, view) pair of its maps
+explanations AS (
+    SELECT e.method,
+        count(*) AS n,
+        avg(CASE WHEN p.input_dist > 0 THEN e.l1 / p.input_dist WHEN e.l1 = 0 THEN 0.0 END) AS explanation_continuity_mean,
+        avg(CASE WHEN p.input_dist > 0 THEN e.l1_eq / p.input_dist WHEN e.l1_eq = 0 THEN 0.0 END) AS explanation_continuity_eq_mean,
+        avg(e.spearman_eq) AS explanation_spearman_eq_mean,
+        avg(e.topk_iou_eq) AS explanation_topk_iou_eq_mean,
+        avg(CASE WHEN e.orig_l2 > 0 THEN e.l2 / e.orig_l2 END) AS explanation_sensitivity_mean
+    FROM explanation_pairs e
+    JOIN perturbations p ON p.image_id = e.image_id AND p.view = e.view
+    GROUP BY e.method
 )
 
 SELECT ag.layer, il.features, il.pooling, il.metric, il.dim,
@@ -84,10 +105,18 @@ SELECT ag.layer, il.features, il.pooling, il.metric, il.dim,
     d.knn_pairs, d.knn_same_mean, d.knn_diff_mean, d.knn_same_diff_ratio, d.knn_auc, d.knn_triplet_violation_rate,
     d.global_pairs, d.global_same_mean, d.global_diff_mean, d.global_same_diff_ratio, d.global_auc,
     d.global_triplet_violation_rate,
-    c.continuity_accuracy, c.lipschitz_mean, c.twin_rank_mean
+    c.continuity_accuracy, c.lipschitz_mean, c.twin_rank_mean,
+    NULL::DOUBLE AS explanation_continuity_mean, NULL::DOUBLE AS explanation_continuity_eq_mean,
+    NULL::DOUBLE AS explanation_spearman_eq_mean, NULL::DOUBLE AS explanation_topk_iou_eq_mean,
+    NULL::DOUBLE AS explanation_sensitivity_mean, 'features' AS kind
 FROM results_knn_agreement ag
 LEFT JOIN index_layers il USING (layer)
 LEFT JOIN distances d USING (layer)
 LEFT JOIN continuity c USING (layer)
 WHERE ag.label IS NULL
-ORDER BY ag.map_at_r DESC NULLS LAST, ag.agreement DESC, ag.layer;
+UNION ALL BY NAME
+SELECT 'explanation' AS kind, 'explain:' || method AS layer, method AS features, n,
+    explanation_continuity_mean, explanation_continuity_eq_mean, explanation_spearman_eq_mean,
+    explanation_topk_iou_eq_mean, explanation_sensitivity_mean
+FROM explanations
+ORDER BY kind = 'explanation', map_at_r DESC NULLS LAST, agreement DESC, explanation_spearman_eq_mean DESC NULLS LAST, layer;

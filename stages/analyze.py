@@ -147,6 +147,9 @@ def run(run_dir: RunDir, cfg: Config, progress) -> dict:
     from featscope.stages.twins import write_twins  # what the continuity measure reads (perturbed views)
 
     info.update(write_twins(run_dir, meta, cfg.continuity_queries, cfg.seed))
+    from featscope.stages.explain_pairs import write_pairs  # what explanation_continuity reads
+
+    info.update(write_pairs(run_dir, meta, cfg.explain_topk, progress))
     catalog.write_catalog(run_dir)
     con = catalog.connect(run_dir.path, locked=True)  # the results are written with pyarrow
     for measure in progress(list(queries.MEASURES), desc="analyze", unit="measure"):
@@ -164,10 +167,27 @@ def summary_rows(run_path: str) -> tuple[list[str], list[tuple]]:
     run = RunDir(run_path)
     path = run.p("results", "layer_comparison.parquet")
     try:
-        t = read_table(path, columns=SUMMARY_COLUMNS)
+        t = read_table(path)
     except FileNotFoundError:
         return SUMMARY_COLUMNS, []
+    t = t.filter(pc.equal(t.column("kind"), "features")) if "kind" in t.column_names else t
     return SUMMARY_COLUMNS, list(zip(*[t.column(c).to_pylist() for c in SUMMARY_COLUMNS]))
+
+
+EXPLANATION_COLUMNS = ["method", "n", "continuity_mean", "continuity_eq_mean", "spearman_eq_mean",
+                       "topk_iou_eq_mean", "max_sensitivity", "local_lipschitz", "flip_rate"]
+
+
+def explanation_rows(run_path: str) -> tuple[list[str], list[tuple]]:
+    """Each explanation method over every view (explanation_continuity, view 'all'), most continuous
+    first by the equivariance-corrected rank correlation."""
+    try:
+        t = read_table(RunDir(run_path).p("results", "explanation_continuity.parquet"))
+    except FileNotFoundError:
+        return EXPLANATION_COLUMNS, []
+    rows = sorted((r for r in t.to_pylist() if r["view"] == "all"),
+                  key=lambda r: -(r["spearman_eq_mean"] if r["spearman_eq_mean"] is not None else -2))
+    return EXPLANATION_COLUMNS, [tuple(r[c] for c in EXPLANATION_COLUMNS) for r in rows]
 
 
 CONTINUITY_COLUMNS = ["layer", "view", "lipschitz_mean", "twin_rank_mean", "continuity_accuracy", "flip_rate",

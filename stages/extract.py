@@ -1,11 +1,12 @@
-"""Extract: `images/` shards -> `features/<layer>/` and `maps/conv/` shards, on Ray Data.
+"""Extract: `images/` shards -> `features/<layer>/`, `maps/<method>/` and `views/` shards, on Ray Data.
 
 The unit of work is one images shard. Ray Data runs a pool of model replicas (actors:
 one per GPU, or CPU replicas that each own `num_cpus` threads) over the list of unfinished
 shards; each replica reads its shard's bytes, decodes them with torchvision's native decoder
 in a background thread (overlapping the forward pass), runs one forward per batch that
 returns every requested node and the logits, and streams row groups into temporary files
-renamed into place when the shard is complete. Its stats file is written last.
+renamed into place when the shard is complete. Its stats file is written last. The explanation
+maps (stages/explain/) come from the same forward pass.
 
 Why not `read_images -> map_batches -> write_parquet`: on 2 cores that measured 196 img/s
 against 450 img/s for a plain DataLoader loop (PIL decoding in Ray Data's read tasks and
@@ -24,7 +25,8 @@ from featscope.core.rundir import AtomicParquetWriter, RunDir, layer_dir, read_t
 
 from .ingest import ERRORS_SCHEMA
 
-CAM_LAYER = "conv"  # maps/conv/ holds the CAM heatmaps of the `conv` alias's node
+FULL_MAPS = "conv"  # maps/conv/: the full `conv` maps (float16) when save_maps is on
+EPS_MIN = 1e-6  # Quantus's eps_min: (x - x') / (x + (x == 0) * eps) in the relative input change
 MODEL_MISMATCH = "featscope-model-mismatch:"  # a replica's refusal, turned into one UserError line on the driver
 
 
@@ -33,15 +35,27 @@ def features_schema(dim: int) -> pa.Schema:
                       ("prob", pa.float32()), ("vec", pa.list_(pa.float32(), dim))])
 
 
-VIEWS_SCHEMA = pa.schema([("image_id", pa.int64()), ("view", pa.string()), ("input_dist", pa.float32())])
+# one row per (image, perturbed view): ||x - x'||_2 and, for the relative stabilities (Agarwal et
+# al. 2022, as Quantus computes them), ||(x - x') / x||_2 and the logits' ||h(x) - h(x')||_2
+VIEWS_SCHEMA = pa.schema([("image_id", pa.int64()), ("view", pa.string()), ("input_dist", pa.float32()),
+                          ("input_rel_dist", pa.float32()), ("logit_dist", pa.float32())])
 
 
-def maps_schema(hw: int, map_size: int | None) -> pa.Schema:
-    fields = [("image_id", pa.int64()), ("view", pa.string()), ("class", pa.int32()),
-              ("height", pa.int32()), ("width", pa.int32()), ("cam", pa.list_(pa.float32(), hw))]
-    if map_size:
-        fields.append(("map", pa.list_(pa.float16(), map_size)))
-    return pa.schema(fields)
+def full_maps_schema(size: int) -> pa.Schema:
+    return pa.schema([("image_id", pa.int64()), ("view", pa.string()), ("class", pa.int32()),
+                      ("map", pa.list_(pa.float16(), size))])
+
+
+def explanation_schema(hw: int) -> pa.Schema:
+    """maps/<method>/: `map` explains `class` (the original's prediction) for this view; `ref` is the
+    original's map carried by the view's own shift or rotation (NULL for other views), what the
+    equivariance-corrected scores compare with."""
+    return pa.schema([("image_id", pa.int64()), ("view", pa.string()), ("class", pa.int32()),
+                      ("height", pa.int32()), ("width", pa.int32()), ("map", pa.list_(pa.float16(), hw)),
+                      ("ref", pa.list_(pa.float16(), hw))])
+
+
+F16_MAX = 65504.0
 
 
 def _fixed(arr: np.ndarray, dtype) -> pa.FixedSizeListArray:
@@ -83,13 +97,23 @@ class ShardExtractor:
         traced = trace(model, self.pre.image_size)
         self.layers = [Layer(**d) for d in spec["layers"]]
         nodes = list(dict.fromkeys(layer.node for layer in self.layers))
-        self.cam_node = traced.names[traced.conv] if traced.cam_ok else None
+        conv_node = traced.names[traced.conv] if getattr(traced, "conv", None) is not None else None
+        self.cam_node = conv_node if traced.cam_ok else None  # CAM: the explanation and the `cam` pooling
+        self.methods = list(spec.get("explain") or [])
+        self.explain_size = int(cfg.get("explain_size") or 56)
+        self.save_maps = bool(cfg["save_maps"]) and conv_node is not None
+        self.conv_node = conv_node
+        if conv_node and (self.cam_node or "gradcam" in self.methods or self.save_maps):
+            nodes.append(conv_node)
         if self.cam_node:
-            nodes.append(self.cam_node)
             self.head_w, self.head_b = (t.to(self.device) for t in head_weights(traced))
-        self.extractor = extractor_for(traced, nodes).to(self.device).eval()
+        self.extractor = extractor_for(traced, list(dict.fromkeys(nodes))).to(self.device).eval()
+        from .explain import Explainer
+
+        model.to(self.device).eval()
+        self.explainer = Explainer(self.methods, self.extractor, model, conv_node, self.explain_size)
+        self.input_size = self.pre.image_size
         self.batch_size = int(cfg["batch_size"])
-        self.save_maps = bool(cfg["save_maps"])
         self.views = list(spec.get("views") or [])
         self.data, self.seed = cfg["data"], int(cfg["seed"])
         self.pool = ThreadPoolExecutor(1)  # decoding overlaps the forward pass
@@ -171,12 +195,13 @@ class ShardExtractor:
                 if not ids:
                     continue
                 inputs = self._inputs(ids, inputs)
-                pred = self._write_batch(writers, ids, inputs["orig"], "orig")
+                orig = self._write_batch(writers, ids, inputs["orig"], "orig")
                 for view in self.views:
-                    # CAM and CAM pooling of a view use the original's predicted class: the same
-                    # explanation target for both inputs, as in Montavon et al.'s continuity
-                    self._write_batch(writers, ids, inputs[view], view, cam_class=pred)
-                    self._write_input_dist(writers, ids, view, inputs[view] - inputs["orig"])
+                    # a view's explanations and CAM pooling use the original's predicted class: the
+                    # same explanation target for both inputs, as in Montavon et al.'s continuity
+                    seen = self._write_batch(writers, ids, inputs[view], view, orig=orig)
+                    self._write_view_dists(writers, ids, view, inputs["orig"], inputs[view], orig["logits"],
+                                           seen["logits"])
                 n_rows += len(ids)
             for f in self.pending_writes:
                 f.result()  # re-raises a failed write
@@ -209,41 +234,52 @@ class ShardExtractor:
             writers[path] = AtomicParquetWriter(path, schema)
         return writers[path]
 
-    def _write_input_dist(self, writers, ids, view: str, diff) -> None:
-        dist = diff.flatten(1).norm(dim=1).cpu().numpy().astype(np.float32)
+    def _write_view_dists(self, writers, ids, view: str, x, x_view, logits, logits_view) -> None:
+        diff = (x_view - x).flatten(1)
+        dist = diff.norm(dim=1).cpu().numpy().astype(np.float32)
+        xf = x.flatten(1)
+        rel = (diff / (xf + (xf == 0) * EPS_MIN)).norm(dim=1).cpu().numpy().astype(np.float32)
+        out = (logits_view - logits).norm(dim=1).cpu().numpy().astype(np.float32)
 
         def write():
             w = self._writer(writers, "views", VIEWS_SCHEMA)
             w.write(pa.table({"image_id": pa.array(ids, pa.int64()), "view": pa.array([view] * len(ids)),
-                              "input_dist": pa.array(dist)}, schema=VIEWS_SCHEMA))
+                              "input_dist": pa.array(dist), "input_rel_dist": pa.array(rel),
+                              "logit_dist": pa.array(out)}, schema=VIEWS_SCHEMA))
 
         self.pending_writes.append(self.write_pool.submit(write))
 
-    def _write_batch(self, writers, ids, x, view: str, cam_class=None):
-        """One forward for every layer; returns the predicted classes. The Parquet writing goes
-        to the writer thread, so the model (a GPU especially) is not idle while rows are encoded."""
+    def _write_batch(self, writers, ids, x, view: str, orig: dict | None = None) -> dict:
+        """One forward for every layer (and the explanations); returns the predicted classes, the
+        logits and the maps. The Parquet writing goes to the writer thread, so the model (a GPU
+        especially) is not idle while rows are encoded."""
         torch = self.torch
-        from .layers import class_activation_map, pool
+        from . import perturb
+        from .explain.cam import cam as class_activation_map
+        from .layers import pool
 
+        outs, logits, cls, maps = self.explainer.forward(x, None if orig is None else orig["classes"])
         with torch.inference_mode():
-            outs = self.extractor(x)
-            logits = outs[self.extractor.logits_name].float()
             prob, pred = torch.softmax(logits, dim=1).max(dim=1)
-            cls = pred if cam_class is None else cam_class.to(self.device)
-            cam = fmap = None
+            cam = None
             if self.cam_node:
-                fmap = outs[self.cam_node].float()
-                cam = class_activation_map(fmap, self.head_w, cls)
+                cam = class_activation_map(outs[self.cam_node].float(), self.head_w, cls)
+                if "cam" in self.methods:
+                    maps["cam"] = cam
             vecs = {layer.name: pool(outs[layer.node].float(), layer.pooling, cam).cpu().numpy()
                     for layer in self.layers}
+            refs = {}
+            if orig is not None and perturb.is_geometric(view):
+                refs = {m: perturb.warp_map(orig["maps"][m], ids, view, self.seed, self.input_size) for m in maps}
+            maps_np = {m: _half(v) for m, v in maps.items()}
+            refs_np = {m: _half(v) for m, v in refs.items()}
             pred_np, prob_np, cls_np = pred.cpu().numpy(), prob.cpu().numpy(), cls.cpu().numpy()
-            cam_np = cam.cpu().numpy() if cam is not None else None
-            fmap_np = fmap.half().cpu().numpy() if cam is not None and self.save_maps else None
+            fmap_np = outs[self.conv_node].half().cpu().numpy() if self.save_maps else None
         self.pending_writes.append(self.write_pool.submit(
-            self._write_rows, writers, ids, view, pred_np, prob_np, vecs, cls_np, cam_np, fmap_np))
-        return pred.cpu()
+            self._write_rows, writers, ids, view, pred_np, prob_np, vecs, cls_np, maps_np, refs_np, fmap_np))
+        return {"classes": pred.cpu() if orig is None else orig["classes"], "logits": logits, "maps": maps}
 
-    def _write_rows(self, writers, ids, view, pred, prob, vecs, cls, cam, fmap) -> None:
+    def _write_rows(self, writers, ids, view, pred, prob, vecs, cls, maps, refs, fmap) -> None:
         n = len(ids)
         common = {"image_id": pa.array(ids, pa.int64()), "view": pa.array([view] * n, pa.string()),
                   "pred": pa.array(pred.astype(np.int32)), "prob": pa.array(prob)}
@@ -251,16 +287,24 @@ class ShardExtractor:
             vec = vecs[layer.name]
             w = self._writer(writers, os.path.join("features", layer_dir(layer.name)), features_schema(vec.shape[1]))
             w.write(pa.table({**common, "vec": _fixed(vec, np.float32)}, schema=w.schema))
-        if cam is not None:
-            h, wd = cam.shape[1:]
-            map_size = fmap[0].size if fmap is not None else None
-            w = self._writer(writers, os.path.join("maps", CAM_LAYER), maps_schema(h * wd, map_size))
-            cols = {"image_id": common["image_id"], "view": common["view"], "class": pa.array(cls.astype(np.int32)),
-                    "height": pa.array(np.full(n, h, np.int32)), "width": pa.array(np.full(n, wd, np.int32)),
-                    "cam": _fixed(cam, np.float32)}
-            if map_size:
-                cols["map"] = _fixed(fmap, np.float16)
-            w.write(pa.table(cols, schema=w.schema))
+        for method, m in maps.items():
+            h, wd = m.shape[1:]
+            w = self._writer(writers, os.path.join("maps", method), explanation_schema(h * wd))
+            ref = _fixed(refs[method], np.float16) if method in refs else pa.nulls(n, w.schema.field("ref").type)
+            w.write(pa.table({"image_id": common["image_id"], "view": common["view"],
+                              "class": pa.array(cls.astype(np.int32)), "height": pa.array(np.full(n, h, np.int32)),
+                              "width": pa.array(np.full(n, wd, np.int32)), "map": _fixed(m, np.float16), "ref": ref},
+                             schema=w.schema))
+        if fmap is not None:
+            w = self._writer(writers, os.path.join("maps", FULL_MAPS), full_maps_schema(fmap[0].size))
+            w.write(pa.table({"image_id": common["image_id"], "view": common["view"],
+                              "class": pa.array(cls.astype(np.int32)), "map": _fixed(fmap, np.float16)},
+                             schema=w.schema))
+
+
+def _half(t) -> np.ndarray:
+    """float16 for storage: values beyond its range are clamped to its largest, not made infinite."""
+    return t.float().clamp(-F16_MAX, F16_MAX).cpu().numpy().astype(np.float16)
 
 
 def torch_from_pil(img):

@@ -234,7 +234,8 @@ class Traced:
         if last_reduce is None:
             return None
         conv = last_reduce.args[0]
-        return conv if len(self.shape(conv)) == 4 else None
+        # the image itself (a head that flattens its input) is no conv map
+        return conv if isinstance(conv, fx.Node) and conv.op != "placeholder" and len(self.shape(conv)) == 4 else None
 
     def _on_pooled_map(self, node) -> bool:
         """A conv on the pooled 1x1 map, fed by the pooling through head ops only: part of the head
@@ -461,8 +462,10 @@ def head_weights(model_or_traced: Traced) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def class_activation_map(fmap: torch.Tensor, weight: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """CAM_c(h, w) = sum_k W[c, k] A_k(h, w), for one class per image: (N, K, H, W) -> (N, H, W)."""
-    return torch.einsum("nk,nkhw->nhw", weight[classes], fmap)
+    """CAM for one class per image (stages/explain/cam.py): (N, K, H, W) -> (N, H, W)."""
+    from .explain.cam import cam
+
+    return cam(fmap, weight, classes)
 
 
 def pool(fmap: torch.Tensor, pooling: str, cam: torch.Tensor | None = None) -> torch.Tensor:

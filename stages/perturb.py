@@ -75,9 +75,7 @@ def apply(x: torch.Tensor, ids: list[int], view: str, seed: int) -> torch.Tensor
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         return ((x - mean) * (1 + s) + mean).clamp(0, 255)
     if name == "shift":
-        angles = [(_seed(seed, i, view) % 3600) / 3600 * 2 * math.pi for i in ids]
-        dx = torch.tensor([round(s * math.cos(a)) for a in angles], device=x.device)
-        dy = torch.tensor([round(s * math.sin(a)) for a in angles], device=x.device)
+        dx, dy = shift_offsets(ids, view, seed, x.device)
         return _translate(x, dx, dy)
     if name == "rotate":
         if s == 0:
@@ -96,6 +94,64 @@ def apply(x: torch.Tensor, ids: list[int], view: str, seed: int) -> torch.Tensor
         u8 = x.round().clamp(0, 255).to(torch.uint8).cpu()
         return torch.stack([decode_jpeg(encode_jpeg(im, quality=int(s))) for im in u8]).float().to(x.device)
     raise UserError(f"perturbation '{name}' is made from the source image, not from pixels")
+
+
+def shift_offsets(ids: list[int], view: str, seed: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The (dx, dy) pixels of a shift view for each image: `strength` pixels in a seeded direction."""
+    s = parse_view(view)[1]
+    angles = [(_seed(seed, i, view) % 3600) / 3600 * 2 * math.pi for i in ids]
+    return (torch.tensor([round(s * math.cos(a)) for a in angles], device=device),
+            torch.tensor([round(s * math.sin(a)) for a in angles], device=device))
+
+
+def is_geometric(view: str) -> bool:
+    """A view that moves the content (shift, rotate): an explanation should move with it."""
+    name, s = parse_view(view)
+    return name in ("shift", "rotate")
+
+
+def warp_map(maps: torch.Tensor, ids: list[int], view: str, seed: int, input_size: int) -> torch.Tensor:
+    """The original's explanation maps (N, h, w) carried by the view's own shift or rotation.
+
+    The equivariance correction compares a view's map with this instead of the original's map
+    as it was: an explanation that moves correctly with the object then counts as unchanged. A
+    shift of d input pixels is d * h / input_size cells (edges replicated, as the image's are);
+    a shift that is not a whole number of cells is interpolated bilinearly. A rotation turns the
+    map about its centre by the same angle, filled with the map's mean (as the image is with
+    its mean colour).
+    """
+    from torchvision.transforms.v2 import functional as F
+
+    name, s = parse_view(view)
+    m = maps.float()
+    if name == "shift":
+        dx, dy = shift_offsets(ids, view, seed, m.device)
+        h, w = m.shape[1:]
+        fx, fy = dx.double() * w / input_size, dy.double() * h / input_size
+        if bool((fx == fx.round()).all() and (fy == fy.round()).all()):
+            return _translate(m[:, None], fx.round().long(), fy.round().long())[:, 0]
+        # fractional cells: sample at (x - fx, y - fy) with bilinear weights, clamped to the edge
+        xs = (torch.arange(w, device=m.device, dtype=torch.float64)[None, :] - fx[:, None]).clamp(0, w - 1)
+        ys = (torch.arange(h, device=m.device, dtype=torch.float64)[None, :] - fy[:, None]).clamp(0, h - 1)
+        x0, y0 = xs.floor().long(), ys.floor().long()
+        x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
+        ax, ay = (xs - x0).float(), (ys - y0).float()
+        n = len(m)
+        rows = torch.arange(n, device=m.device)[:, None, None]
+
+        def at(yi, xi):
+            return m[rows, yi[:, :, None], xi[:, None, :]]
+
+        top = at(y0, x0) * (1 - ax[:, None, :]) + at(y0, x1) * ax[:, None, :]
+        bottom = at(y1, x0) * (1 - ax[:, None, :]) + at(y1, x1) * ax[:, None, :]
+        return top * (1 - ay[:, :, None]) + bottom * ay[:, :, None]
+    if name == "rotate":
+        if s == 0:
+            return m.clone()
+        fill = m.mean(dim=(1, 2))
+        return torch.stack([F.rotate(m[j][None], s, interpolation=F.InterpolationMode.BILINEAR,
+                                     fill=[float(fill[j])])[0] for j in range(len(m))])
+    return m
 
 
 def _translate(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,8 @@ from featscope.cli import main
 from tests.conftest import DIGITS
 
 ROOT = Path(__file__).resolve().parents[1]
-VIEWS = ("images", "layers", "predictions", "embeddings", "cams", "perturbations", "knn", "knn_deep", "twins",
-         "index_layers", "errors")
+VIEWS = ("images", "layers", "predictions", "embeddings", "cams", "explanations", "explanation_pairs", "perturbations",
+         "knn", "knn_deep", "twins", "index_layers", "errors")
 
 
 def cli(*argv: str) -> str:

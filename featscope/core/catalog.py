@@ -1,6 +1,8 @@
 """catalog.sql: the DuckDB views over a run directory, and read-only connections to it.
 
-Views: images, layers, predictions, embeddings (vec as FLOAT[] for every layer), one
+Views: images, layers, predictions, embeddings (vec as FLOAT[] for every layer), explanations
+(method, image_id, view, class, height, width, map, ref: every explanation method's maps),
+explanation_pairs (the analyze stage's comparisons of each view's map with the original's), one
 `embeddings_<layer>` view per layer with vec cast back to FLOAT[dim] (Parquet loses the
 fixed-size-list length) so that array_distance / array_cosine_distance work, cams, knn,
 knn_deep (the analyze stage's deeper search for a sample of queries), index_layers (layer,
@@ -18,7 +20,7 @@ from urllib.parse import unquote
 import duckdb
 
 from .config import UserError
-from .rundir import RunDir, join, layer_dir
+from .rundir import RunDir, join, layer_dir, read_schema
 
 _EMPTY = {
     "images": "SELECT NULL::BIGINT AS image_id, NULL::VARCHAR AS uri, NULL::INTEGER AS label, "
@@ -32,7 +34,19 @@ _EMPTY = {
     "index_layers": "SELECT NULL::VARCHAR AS layer, NULL::VARCHAR AS features, NULL::VARCHAR AS metric, "
                     "NULL::VARCHAR AS pooling, NULL::INTEGER AS dim",
     "errors": "SELECT NULL::VARCHAR AS uri, NULL::VARCHAR AS stage, NULL::VARCHAR AS error, NULL::VARCHAR AS message",
-    "perturbations": "SELECT NULL::BIGINT AS image_id, NULL::VARCHAR AS view, NULL::FLOAT AS input_dist",
+    "perturbations": "SELECT NULL::BIGINT AS image_id, NULL::VARCHAR AS view, NULL::FLOAT AS input_dist, "
+                     "NULL::FLOAT AS input_rel_dist, NULL::FLOAT AS logit_dist",
+    "explanations": "SELECT NULL::VARCHAR AS method, NULL::BIGINT AS image_id, NULL::VARCHAR AS view, "
+                    "NULL::INTEGER AS class, NULL::INTEGER AS height, NULL::INTEGER AS width, NULL::FLOAT[] AS map, "
+                    "NULL::FLOAT[] AS ref",
+    "explanation_pairs": "SELECT " + ", ".join(
+        f"NULL::{t} AS {c}" for c, t in [("method", "VARCHAR"), ("image_id", "BIGINT"), ("view", "VARCHAR"),
+                                         ("class", "INTEGER"), ("geometric", "BOOLEAN"), ("cells", "INTEGER"),
+                                         ("orig_l2", "DOUBLE"), ("l1", "DOUBLE"), ("l2", "DOUBLE"),
+                                         ("rel_l2", "DOUBLE"), ("pearson", "DOUBLE"), ("spearman", "DOUBLE"),
+                                         ("topk_iou", "DOUBLE"), ("l1_eq", "DOUBLE"), ("l2_eq", "DOUBLE"),
+                                         ("pearson_eq", "DOUBLE"), ("spearman_eq", "DOUBLE"),
+                                         ("topk_iou_eq", "DOUBLE"), ("topk", "DOUBLE")]),
     "twins": "SELECT NULL::VARCHAR AS layer, NULL::BIGINT AS image_id, NULL::VARCHAR AS view, "
              "NULL::FLOAT AS feature_dist, NULL::BIGINT AS twin_rank, NULL::FLOAT AS nearest_other_dist",
     "cams": "SELECT NULL::BIGINT AS image_id, NULL::VARCHAR AS view, NULL::INTEGER AS class, NULL::INTEGER AS height, "
@@ -81,10 +95,23 @@ def catalog_sql(run: RunDir) -> str:
         f"SELECT {_lit(l['name'])} AS layer, image_id, view, vec::FLOAT[] AS vec FROM read_parquet({g})"
         for l, g in present) or None)
     view("predictions", present and f"SELECT image_id, view, pred, prob FROM read_parquet({present[0][1]})")
-    g = _glob(run, "maps", "conv")
-    view("cams", g and f"SELECT image_id, view, class, height, width, cam::FLOAT[] AS cam FROM read_parquet({g})")
+    # explanation maps, one folder per method (stages/explain/); `cams` is the CAM's, as it always was
+    methods = [m for m in explanation_methods(run) if run.parquet_files("maps", m)]
+    view("explanations", " UNION ALL ".join(
+        f"SELECT {_lit(m)} AS method, image_id, view, class, height, width, map::FLOAT[] AS map, ref::FLOAT[] AS ref "
+        f"FROM read_parquet({_glob(run, 'maps', m)})" for m in methods) or None)
+    g = _glob(run, "maps", "cam")
+    view("cams", g and f"SELECT image_id, view, class, height, width, map::FLOAT[] AS cam FROM read_parquet({g})")
+    # the analyze stage's per-(image, view) comparisons of each method's maps (stages/explain_pairs.py)
+    paired = [m for m in methods if run.parquet_files("explain_pairs", m)]
+    view("explanation_pairs", " UNION ALL ".join(
+        f"SELECT * FROM read_parquet({_glob(run, 'explain_pairs', m)})" for m in paired) or None)
     g = _glob(run, "views")  # one row per (image, perturbed view): ||x - x'||_2 in the model's input space
-    view("perturbations", g and f"SELECT image_id, view, input_dist FROM read_parquet({g})")
+    if g:  # (views files written before the relative stabilities, or by hand, lack their two columns)
+        have = set(read_schema(sorted(run.parquet_files("views"))[0]).names)
+        extra = ", ".join(c if c in have else f"NULL::FLOAT AS {c}" for c in ("input_rel_dist", "logit_dist"))
+        g = f"SELECT image_id, view, input_dist, {extra} FROM read_parquet({g})"
+    view("perturbations", g)
     knn_layers = [k["name"] for k in meta.get("index_layers", []) if run.parquet_files("knn", layer_dir(k["name"]))]
     view("knn", " UNION ALL ".join(
         f"SELECT layer, query_id, rank, neighbor_id, distance FROM read_parquet({_glob(run, 'knn', layer_dir(k))})"
@@ -108,8 +135,17 @@ def catalog_sql(run: RunDir) -> str:
     view("errors", g and f"SELECT uri, stage, error, message FROM read_parquet({g})")
     # figures that queries/*.sql kept in this session are of the views read before: forget them
     # (in the CLI a user may read another run's catalog.sql into the same session)
-    out += ["SET VARIABLE knn_agreement_params = NULL;", "SET VARIABLE class_distances_params = NULL;"]
+    out += ["SET VARIABLE knn_agreement_params = NULL;", "SET VARIABLE class_distances_params = NULL;",
+            "SET VARIABLE continuity_params = NULL;", "SET VARIABLE explanation_continuity_params = NULL;"]
     return "\n".join(out) + "\n"
+
+
+def explanation_methods(run: RunDir) -> list[str]:
+    """The run's explanation methods (run.json), in the order they were asked for."""
+    from featscope.core.config import EXPLAIN_METHODS
+
+    listed = run.read_meta().get("explain")
+    return [m for m in (listed if listed is not None else EXPLAIN_METHODS) if m in EXPLAIN_METHODS]
 
 
 def write_catalog(run: RunDir) -> str:

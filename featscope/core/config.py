@@ -20,6 +20,7 @@ class UserError(Exception):
 STAGES = ("ingest", "train", "extract", "index", "knn", "analyze", "report")
 POOLINGS = ("gap", "flat", "cam")
 METRICS = ("l2", "cosine")
+EXPLAIN_METHODS = ("cam", "gradcam", "saliency", "lrp")  # stages/explain/
 
 
 @dataclass
@@ -50,7 +51,12 @@ class Config:
     # bad input
     max_image_pixels: int = 89_478_485  # PIL's own decompression-bomb limit
     min_image_side: int = 8  # smaller images carry no usable content: errors rows
-    save_maps: bool = False  # also write the full conv maps (float16) into maps/
+    save_maps: bool = False  # also write the full conv maps (float16) into maps/conv/
+    # explanation maps (stages/explain/) of the original's predicted class, for orig and every view:
+    # cam, gradcam, saliency, lrp; None: cam where the head is GAP + linear, else gradcam; [] for none
+    explain: list[str] | None = None
+    explain_size: int = 56  # side of the stored saliency / lrp maps (area-averaged from the input)
+    explain_topk: float = 10.0  # the top-k% overlap of explanation_continuity: IoU of the k% most relevant cells
     continuity_queries: int = 20000  # images whose views' twin rank is counted exactly; above: a seeded sample
     # indexes and the kNN graph (stages/index.py, stages/knn.py); changing them redoes only those stages
     index_factory: str = "auto"  # auto: chosen from N, dim and index_memory_gb; or a faiss factory string
@@ -194,6 +200,8 @@ def validate(cfg: Config) -> None:
         raise UserError("at least one layer is needed")
     if cfg.deep_queries < 1 or cfg.deep_k < 1:
         raise UserError("deep_queries and deep_k must be positive")
+    if cfg.explain_size < 1 or not 0 < cfg.explain_topk <= 100:
+        raise UserError("explain_size must be >= 1 and explain_topk a percentage in (0, 100]")
     if min(cfg.report_points, cfg.report_thumbnails, cfg.report_queries, cfg.report_umap_points) < 0:
         raise UserError("report_points, report_thumbnails, report_queries and report_umap_points must be >= 0")
     validate_training(cfg)

@@ -211,6 +211,14 @@ def read_bytes(path: str) -> bytes:
         return fh.read()
 
 
+def read_schema(path: str) -> pa.Schema:
+    """The schema of one Parquet file (its footer only)."""
+    remote = _remote(path)
+    if remote is None:
+        return pq.read_schema(path)
+    return pq.read_schema(remote[1], filesystem=remote[0])
+
+
 def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
     """A Parquet file, or a folder of them."""
     remote = _remote(path)

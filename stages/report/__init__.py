@@ -366,8 +366,23 @@ class Builder:
         for kind, rs in kinds.items():
             if len({r["strength"] for r in rs}) >= 2:
                 out.append(self.fig(figures.continuity_curves(kind, rs), f"continuity over {kind} strength"))
+        out.append(self.explanations())
         out.append(self.cam_overlays())
         return "".join(out)
+
+    def explanations(self) -> str:
+        t = self.d.result("explanation_continuity")
+        if t is None or not t.num_rows:
+            return ""
+        cols = ["method", "view", "n", "continuity_mean", "continuity_eq_mean", "pearson_eq_mean", "spearman_eq_mean",
+                "topk_iou_eq_mean", "local_lipschitz", "max_sensitivity", "avg_sensitivity", "ris", "ros", "flip_rate"]
+        rows = [tuple(r[c] for c in cols) for r in t.to_pylist()]
+        return ('<h3>Explanations under perturbation</h3><p class="note">Per explanation method and view '
+                '(<code>featscope query RUN explanation_continuity</code>): continuity = ||E(x) - E(x\')||_1 / '
+                '||x - x\'||, _eq against the original\'s map moved by the view\'s own shift or rotation '
+                '(equivariance-corrected); correlations and the top-k overlap do not depend on the method\'s '
+                'scale, the continuity ratios do. Sensitivities and stabilities as Quantus defines them.</p>'
+                f'<div class="scroll">{page.table(cols, rows, table_id="explanation-table")}</div>')
 
     def cam_overlays(self) -> str:
         from .views import view_images
@@ -376,7 +391,7 @@ class Builder:
         if not layers or not self.d.result_exists("continuity_images"):
             return ""
         views = self.d.meta.get("views") or []
-        has_cam = bool(self.d.run.parquet_files("maps", "conv"))
+        has_cam = bool(self.d.run.parquet_files("maps", "cam"))
         score = "cam_continuity" if has_cam else "lipschitz"
         path = self.d.run.p("results", "continuity_images.parquet")
         ranked = self.d.sql(f"SELECT image_id, avg({score}) AS s FROM read_parquet(?) WHERE layer = ? AND {score} "

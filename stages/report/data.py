@@ -266,7 +266,7 @@ class RunData:
     def cams(self, ids) -> dict[tuple[int, str], np.ndarray]:
         """(image_id, view) -> the CAM (H, W) of the original's predicted class."""
         ids = [int(i) for i in ids]
-        if not ids or not self.run.parquet_files("maps", "conv"):
+        if not ids or not self.run.parquet_files("maps", "cam"):
             return {}
         t = self.sql("SELECT image_id, view, height, width, cam FROM cams WHERE image_id IN (SELECT unnest(?::BIGINT[]))",
                      [ids])
