@@ -72,9 +72,10 @@ def parser() -> argparse.ArgumentParser:
     q = sub.add_parser("query", help="compute one measure (queries/*.sql) over a run, read-only")
     q.add_argument("run")
     q.add_argument("measure", help="knn_agreement, class_distances, per_class, suspicious, continuity, "
-                   "layer_comparison, image_agreement, distance_histogram or continuity_images")
+                   "explanation_continuity, layer_comparison, image_agreement, distance_histogram, continuity_images "
+                   "or explanation_images")
     q.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="a parameter of the measure's SQL (layer, k, seed, pairs, triplets, top, ...)")
+                   help="a parameter of the measure's SQL (layer, k, seed, pairs, triplets, top, method, view, ...)")
     _add_format(q)
 
     cp = sub.add_parser("compare", help="one measure of several runs side by side, with deltas")

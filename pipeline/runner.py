@@ -19,7 +19,6 @@ from featscope.core.rundir import RunDir, exists, remove_stale_temporaries
 # config keys whose change makes existing ingest/extract output wrong for this run
 _FINGERPRINT_KEYS = ("data", "model", "weights", "layers", "image_size", "resize", "mean", "std", "shard_size",
                      "max_image_pixels", "min_image_side", "save_maps", "perturb", "num_classes",
-                     "explain", "explain_size",
                      "train_epochs", "train_lr", "train_batch_size", "train_term", "train_lambda", "train_margin",
                      "train_miner", "train_on", "train_positive_views", "train_warmup_epochs", "train_pk",
                      "train_workers", "seed")
@@ -204,6 +203,7 @@ class Prepared:
         from featscope.stages import explain
 
         self.explain = explain.resolve(cfg.explain, traced, model, cfg.model)
+        self.default_explain = explain.default_methods(traced)
         if self.needs_training:  # the term's settings, before any work (the train stage checks counts)
             from featscope.stages.train import check_training
 
@@ -215,6 +215,14 @@ class Prepared:
     def fingerprint(self) -> str:
         keys = {k: getattr(self.cfg, k) for k in _FINGERPRINT_KEYS}
         keys["dataset"] = self.plan.fingerprint
+        # the explanation methods as resolved (`None` and the model's default are the same run), and
+        # their pixel size only where a pixel method uses it; a run with the defaults keeps its old hash
+        from featscope.stages.explain import PIXEL_METHODS
+
+        if sorted(self.explain) != sorted(self.default_explain):
+            keys["explain"] = sorted(self.explain)
+        if set(self.explain) & set(PIXEL_METHODS):
+            keys["explain_size"] = self.cfg.explain_size
         if self.cfg.weights:
             from featscope.stages.models import file_sha256
 

@@ -104,6 +104,10 @@ def _check(measure: str, given: dict, meta: dict | None) -> None:
     if given.get("method") is not None and given["method"] not in methods:
         raise UserError(f"unknown explanation method '{given['method']}' for {measure} (methods of this run: "
                         f"{', '.join(methods) or 'none'})")
+    views = meta.get("views")
+    if given.get("view") is not None and views is not None and given["view"] not in views:
+        raise UserError(f"unknown view '{given['view']}' for {measure} (views of this run: "
+                        f"{', '.join(views) or 'none'}; written NAME:STRENGTH as stored)")
     run_k = (meta.get("config") or {}).get("k")
     if given.get("k") is not None and run_k and int(given["k"]) > run_k:
         raise UserError(f"k={given['k']} is more than the run's k={run_k}")

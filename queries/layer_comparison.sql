@@ -86,7 +86,7 @@ continuity AS (
 ),
 
 -- one row per explanation method, over every (image, view) pair of its maps
-explanations AS (
+explanation_figures AS (
     SELECT e.method,
         count(*) AS n,
         avg(CASE WHEN p.input_dist > 0 THEN e.l1 / p.input_dist WHEN e.l1 = 0 THEN 0.0 END) AS explanation_continuity_mean,
@@ -118,5 +118,5 @@ UNION ALL BY NAME
 SELECT 'explanation' AS kind, 'explain:' || method AS layer, method AS features, n,
     explanation_continuity_mean, explanation_continuity_eq_mean, explanation_spearman_eq_mean,
     explanation_topk_iou_eq_mean, explanation_sensitivity_mean
-FROM explanations
+FROM explanation_figures
 ORDER BY kind = 'explanation', map_at_r DESC NULLS LAST, agreement DESC, explanation_spearman_eq_mean DESC NULLS LAST, layer;

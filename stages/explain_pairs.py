@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from featscope.core.rundir import RunDir, read_json, read_table, write_json_atomic, write_table_atomic
 
 EPS_MIN = 1e-6  # Quantus's eps_min
-CHUNK = 1024  # view rows compared at a time (56 x 56 maps: ~25 MB of float64 per array)
+CHUNK = 256  # view rows compared at a time, on up to 4 threads (56 x 56 maps: ~6 MB per float64 array, ~15 arrays)
 
 SCHEMA = pa.schema([("method", pa.string()), ("image_id", pa.int64()), ("view", pa.string()),
                     ("class", pa.int32()), ("geometric", pa.bool_()), ("cells", pa.int32()),
@@ -80,9 +80,11 @@ def top_count(cells: int, percent: float) -> int:
     return max(1, min(cells, math.ceil(cells * percent / 100 - 1e-9)))
 
 
-def compare(e: np.ndarray, v: np.ndarray, r: np.ndarray, geometric: np.ndarray, percent: float) -> dict[str, np.ndarray]:
-    """Every figure of one chunk: e, v, r (n, cells) float16 as stored (orig, view, carried orig); r
-    equals e where `geometric` is False, so its ranks and top cells are only computed where it is not."""
+def compare(e: np.ndarray, v: np.ndarray, r: np.ndarray, geometric: np.ndarray, percent: float,
+            scales: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every figure of one chunk: e, v, r (n, cells) float16 as stored (orig, view, carried orig,
+    each divided by its row's `scales`: ranks and top cells are the same either way); r equals e
+    where `geometric` is False, so its ranks and top cells are only computed where it is not."""
     k = top_count(e.shape[1], percent)
     (order_e, rank_e), (order_v, rank_v) = order_and_ranks(e), order_and_ranks(v)
     top_e, top_v = top_mask(order_e, k), top_mask(order_v, k)
@@ -90,7 +92,7 @@ def compare(e: np.ndarray, v: np.ndarray, r: np.ndarray, geometric: np.ndarray, 
     if geometric.any():
         order_g, rank_r[geometric] = order_and_ranks(r[geometric])
         top_r[geometric] = top_mask(order_g, k)
-    e, v, r = (a.astype(np.float64) for a in (e, v, r))
+    e, v, r = (a.astype(np.float64) * sc.astype(np.float64)[:, None] for a, sc in zip((e, v, r), scales))
     d, dr = e - v, r - v
     return {"orig_l2": np.sqrt((e * e).sum(1)), "l1": np.abs(d).sum(1), "l2": np.sqrt((d * d).sum(1)),
             "rel_l2": np.sqrt(((d / (e + (e == 0) * EPS_MIN)) ** 2).sum(1)),
@@ -106,13 +108,14 @@ def _matrix(col: pa.ChunkedArray) -> np.ndarray:
 
 
 def pairs_for_shard(path: str, method: str, percent: float) -> pa.Table:
-    t = read_table(path, columns=["image_id", "view", "class", "map", "ref"])
+    t = read_table(path, columns=["image_id", "view", "class", "scale", "map", "ref_scale", "ref"])
     is_orig = pc.equal(t.column("view"), "orig")
     orig, views = t.filter(is_orig), t.filter(pc.invert(is_orig))
     if not views.num_rows or not orig.num_rows:
         return SCHEMA.empty_table()
     o_ids = orig.column("image_id").to_numpy()
     o_maps = _matrix(orig.column("map"))
+    o_scale = orig.column("scale").to_numpy()
     pos = {int(i): p for p, i in enumerate(o_ids)}
     keep = np.array([int(i) in pos for i in views.column("image_id").to_numpy()])
     views = views.filter(pa.array(keep))
@@ -124,14 +127,16 @@ def pairs_for_shard(path: str, method: str, percent: float) -> pa.Table:
 
     def one(lo: int) -> dict[str, np.ndarray]:
         chunk = views.slice(lo, CHUNK)
-        e = o_maps[[pos[int(i)] for i in ids[lo:lo + CHUNK]]]
-        v = _matrix(chunk.column("map"))
+        rows = [pos[int(i)] for i in ids[lo:lo + CHUNK]]
+        e, e_scale = o_maps[rows], o_scale[rows]
+        v, v_scale = _matrix(chunk.column("map")), chunk.column("scale").to_numpy()
         g = geometric[lo:lo + CHUNK]
-        r = e.copy()
+        r, r_scale = e.copy(), e_scale.copy()
         if g.any():
             refs = chunk.column("ref").combine_chunks()
             r[g] = _matrix(pa.chunked_array([refs.filter(pa.array(g))]))
-        return compare(e, v, r, g, percent)
+            r_scale[g] = chunk.column("ref_scale").to_numpy(zero_copy_only=False)[g]
+        return compare(e, v, r, g, percent, (e_scale, v_scale, r_scale))
 
     # numpy's sorts and reductions release the GIL: chunks are compared on every core
     with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
@@ -158,7 +163,10 @@ def write_pairs(run: RunDir, meta: dict, percent: float, progress=None) -> dict:
         files = run.parquet_files("maps", method)
         if not files or not meta.get("views"):
             continue
-        sig = {"fingerprint": meta.get("fingerprint"), "topk": percent, "shards": [f.rsplit("/", 1)[-1] for f in files]}
+        # the shards' extract stats change whenever a shard is extracted again (seconds, replica)
+        extracted = [(s.get("shard"), s.get("seconds"), s.get("replica_pid")) for s in run.read_stats("extract")]
+        sig = {"fingerprint": meta.get("fingerprint"), "topk": percent, "shards": [f.rsplit("/", 1)[-1] for f in files],
+               "extracted": [list(e) for e in sorted(extracted, key=str)]}
         marker = run.p("explain_pairs", method, "_done.json")
         if run.parquet_files("explain_pairs", method) and read_json(marker) == sig:
             continue

@@ -43,19 +43,23 @@ VIEWS_SCHEMA = pa.schema([("image_id", pa.int64()), ("view", pa.string()), ("inp
 
 def full_maps_schema(size: int) -> pa.Schema:
     return pa.schema([("image_id", pa.int64()), ("view", pa.string()), ("class", pa.int32()),
+                      ("channels", pa.int32()), ("height", pa.int32()), ("width", pa.int32()),
                       ("map", pa.list_(pa.float16(), size))])
 
 
 def explanation_schema(hw: int) -> pa.Schema:
     """maps/<method>/: `map` explains `class` (the original's prediction) for this view; `ref` is the
     original's map carried by the view's own shift or rotation (NULL for other views), what the
-    equivariance-corrected scores compare with."""
+    equivariance-corrected scores compare with. Each is stored as float16 divided by its largest
+    |value| (`scale`, `ref_scale`, float32): a squared input gradient of 1e-6 would be a float16
+    subnormal, off by percents, or 0; scaled, every map keeps float16's 11 bits relative to its
+    peak. The catalog's `explanations` view multiplies them back."""
     return pa.schema([("image_id", pa.int64()), ("view", pa.string()), ("class", pa.int32()),
-                      ("height", pa.int32()), ("width", pa.int32()), ("map", pa.list_(pa.float16(), hw)),
+                      ("height", pa.int32()), ("width", pa.int32()), ("scale", pa.float32()),
+                      ("map", pa.list_(pa.float16(), hw)), ("ref_scale", pa.float32()),
                       ("ref", pa.list_(pa.float16(), hw))])
 
 
-F16_MAX = 65504.0
 
 
 def _fixed(arr: np.ndarray, dtype) -> pa.FixedSizeListArray:
@@ -111,7 +115,8 @@ class ShardExtractor:
         from .explain import Explainer
 
         model.to(self.device).eval()
-        self.explainer = Explainer(self.methods, self.extractor, model, conv_node, self.explain_size)
+        self.explainer = Explainer(self.methods, self.extractor, model, conv_node, self.explain_size,
+                                   cfg.get("explain_batch_size") or int(cfg["batch_size"]))
         self.input_size = self.pre.image_size
         self.batch_size = int(cfg["batch_size"])
         self.views = list(spec.get("views") or [])
@@ -271,8 +276,8 @@ class ShardExtractor:
             refs = {}
             if orig is not None and perturb.is_geometric(view):
                 refs = {m: perturb.warp_map(orig["maps"][m], ids, view, self.seed, self.input_size) for m in maps}
-            maps_np = {m: _half(v) for m, v in maps.items()}
-            refs_np = {m: _half(v) for m, v in refs.items()}
+            maps_np = {m: _scaled_half(v) for m, v in maps.items()}
+            refs_np = {m: _scaled_half(v) for m, v in refs.items()}
             pred_np, prob_np, cls_np = pred.cpu().numpy(), prob.cpu().numpy(), cls.cpu().numpy()
             fmap_np = outs[self.conv_node].half().cpu().numpy() if self.save_maps else None
         self.pending_writes.append(self.write_pool.submit(
@@ -287,24 +292,39 @@ class ShardExtractor:
             vec = vecs[layer.name]
             w = self._writer(writers, os.path.join("features", layer_dir(layer.name)), features_schema(vec.shape[1]))
             w.write(pa.table({**common, "vec": _fixed(vec, np.float32)}, schema=w.schema))
-        for method, m in maps.items():
+        for method, (m, scale) in maps.items():
             h, wd = m.shape[1:]
             w = self._writer(writers, os.path.join("maps", method), explanation_schema(h * wd))
-            ref = _fixed(refs[method], np.float16) if method in refs else pa.nulls(n, w.schema.field("ref").type)
+            if method in refs:
+                ref, ref_scale = _fixed(refs[method][0], np.float16), pa.array(refs[method][1])
+            else:
+                ref, ref_scale = pa.nulls(n, w.schema.field("ref").type), pa.nulls(n, pa.float32())
             w.write(pa.table({"image_id": common["image_id"], "view": common["view"],
                               "class": pa.array(cls.astype(np.int32)), "height": pa.array(np.full(n, h, np.int32)),
-                              "width": pa.array(np.full(n, wd, np.int32)), "map": _fixed(m, np.float16), "ref": ref},
-                             schema=w.schema))
+                              "width": pa.array(np.full(n, wd, np.int32)), "scale": pa.array(scale),
+                              "map": _fixed(m, np.float16), "ref_scale": ref_scale, "ref": ref}, schema=w.schema))
         if fmap is not None:
+            c, h, wd = fmap.shape[1:]
             w = self._writer(writers, os.path.join("maps", FULL_MAPS), full_maps_schema(fmap[0].size))
             w.write(pa.table({"image_id": common["image_id"], "view": common["view"],
-                              "class": pa.array(cls.astype(np.int32)), "map": _fixed(fmap, np.float16)},
-                             schema=w.schema))
+                              "class": pa.array(cls.astype(np.int32)), "channels": pa.array(np.full(n, c, np.int32)),
+                              "height": pa.array(np.full(n, h, np.int32)), "width": pa.array(np.full(n, wd, np.int32)),
+                              "map": _fixed(fmap, np.float16)}, schema=w.schema))
 
 
-def _half(t) -> np.ndarray:
-    """float16 for storage: values beyond its range are clamped to its largest, not made infinite."""
-    return t.float().clamp(-F16_MAX, F16_MAX).cpu().numpy().astype(np.float16)
+def _scaled_half(t) -> tuple[np.ndarray, np.ndarray]:
+    """(N, h, w) -> (float16 maps divided by each one's largest |value|, that value as float32; 1
+    for an all-zero map)."""
+    t = t.float()
+    peak = t.abs().flatten(1).max(dim=1).values
+    scale = torch_where_positive(peak)
+    return (t / scale[:, None, None]).cpu().numpy().astype(np.float16), scale.cpu().numpy().astype(np.float32)
+
+
+def torch_where_positive(peak):
+    import torch
+
+    return torch.where(peak > 0, peak, torch.ones_like(peak))
 
 
 def torch_from_pil(img):

@@ -62,3 +62,14 @@ def test_report_benchmark_runs_at_a_small_size(tmp_path):
     assert out["map_points_20k"] == 300 and out["map_points_1m"] == 3000
     for page in ("report-small", "report-big", "report-small-synthetic"):
         assert os.path.getsize(os.path.join(root, page, "index.html")) > 100_000
+
+
+def test_explain_benchmark_runs_at_a_small_size(tmp_path):
+    """benchmarks/explain.py end to end on 48 images at 32 px: its JSON keys, and featscope's stored
+    scores equal to Quantus's own loop image by image. No timings are checked."""
+    out = _last_json(["benchmarks/explain.py", "--n", "48", "--size", "32", "--batch", "16",
+                      "--root", str(tmp_path / "bench")])
+    assert set(out["cost_vs_features"]) == {"cam", "gradcam", "saliency", "lrp"}
+    assert {"quantus_s", "featscope_marginal_s", "vs_quantus_marginal", "vs_quantus_whole"} <= set(out)
+    assert out["quantus_images"] == 48
+    assert max(out["max_rel_diff_vs_quantus"].values()) < 2e-3  # float16 storage

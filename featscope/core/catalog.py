@@ -97,11 +97,20 @@ def catalog_sql(run: RunDir) -> str:
     view("predictions", present and f"SELECT image_id, view, pred, prob FROM read_parquet({present[0][1]})")
     # explanation maps, one folder per method (stages/explain/); `cams` is the CAM's, as it always was
     methods = [m for m in explanation_methods(run) if run.parquet_files("maps", m)]
+    # (stored divided by their peak |value| as float16: multiplied back here, stages/extract.py)
+    unscaled = ("list_transform(map::FLOAT[], lambda x: x * scale) AS map, "
+                "list_transform(ref::FLOAT[], lambda x: x * ref_scale) AS ref")
     view("explanations", " UNION ALL ".join(
-        f"SELECT {_lit(m)} AS method, image_id, view, class, height, width, map::FLOAT[] AS map, ref::FLOAT[] AS ref "
+        f"SELECT {_lit(m)} AS method, image_id, view, class, height, width, {unscaled} "
         f"FROM read_parquet({_glob(run, 'maps', m)})" for m in methods) or None)
     g = _glob(run, "maps", "cam")
-    view("cams", g and f"SELECT image_id, view, class, height, width, map::FLOAT[] AS cam FROM read_parquet({g})")
+    if g:
+        g = (f"SELECT image_id, view, class, height, width, list_transform(map::FLOAT[], lambda x: x * scale) AS cam "
+             f"FROM read_parquet({g})")
+    elif run.parquet_files("maps", "conv") and "cam" in read_schema(sorted(run.parquet_files("maps", "conv"))[0]).names:
+        # a run extracted before the explanation methods kept its CAMs (float32) in maps/conv/
+        g = f"SELECT image_id, view, class, height, width, cam::FLOAT[] AS cam FROM read_parquet({_glob(run, 'maps', 'conv')})"
+    view("cams", g)
     # the analyze stage's per-(image, view) comparisons of each method's maps (stages/explain_pairs.py)
     paired = [m for m in methods if run.parquet_files("explain_pairs", m)]
     view("explanation_pairs", " UNION ALL ".join(

@@ -56,6 +56,9 @@ class Config:
     # cam, gradcam, saliency, lrp; None: cam where the head is GAP + linear, else gradcam; [] for none
     explain: list[str] | None = None
     explain_size: int = 56  # side of the stored saliency / lrp maps (area-averaged from the input)
+    # gradient methods (gradcam, saliency, lrp) keep the activations for the backward pass, as training
+    # does: they run on slices of this many images (None: batch_size); lower it when a GPU runs out of memory
+    explain_batch_size: int | None = None
     explain_topk: float = 10.0  # the top-k% overlap of explanation_continuity: IoU of the k% most relevant cells
     continuity_queries: int = 20000  # images whose views' twin rank is counted exactly; above: a seeded sample
     # indexes and the kNN graph (stages/index.py, stages/knn.py); changing them redoes only those stages
@@ -200,6 +203,8 @@ def validate(cfg: Config) -> None:
         raise UserError("at least one layer is needed")
     if cfg.deep_queries < 1 or cfg.deep_k < 1:
         raise UserError("deep_queries and deep_k must be positive")
+    if cfg.explain_batch_size is not None and cfg.explain_batch_size < 1:
+        raise UserError("explain_batch_size must be >= 1")
     if cfg.explain_size < 1 or not 0 < cfg.explain_topk <= 100:
         raise UserError("explain_size must be >= 1 and explain_topk a percentage in (0, 100]")
     if min(cfg.report_points, cfg.report_thumbnails, cfg.report_queries, cfg.report_umap_points) < 0:

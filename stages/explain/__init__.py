@@ -64,10 +64,12 @@ def supported(traced, model) -> list[str]:
 class Explainer:
     """Runs the features' forward pass and the requested explanations of one batch."""
 
-    def __init__(self, methods: list[str], extractor, model, conv_node: str | None, size: int):
+    def __init__(self, methods: list[str], extractor, model, conv_node: str | None, size: int,
+                 chunk: int | None = None):
         import torch
 
         self.torch = torch
+        self.chunk = max(1, int(chunk or 1 << 30))
         self.methods = methods
         self.extractor, self.model, self.conv_node, self.size = extractor, model, conv_node, size
         self.needs_grad = bool({"gradcam", "saliency"} & set(methods))
@@ -79,7 +81,22 @@ class Explainer:
             cut_graph_at(extractor, conv_node)
 
     def forward(self, x, classes=None):
-        """-> (outputs of every node, float logits, explained classes, {method: (N, h, w) map})."""
+        """-> (outputs of every node, float logits, explained classes, {method: (N, h, w) map}).
+
+        Gradient methods keep every activation for the backward pass (training-sized memory): they
+        run on slices of `chunk` images, each slice's features, logits and maps joined after."""
+        torch = self.torch
+        if not self.needs_grad and "lrp" not in self.methods:
+            return self._forward(x, classes)
+        parts = [self._forward(x[lo:lo + self.chunk], None if classes is None else classes[lo:lo + self.chunk])
+                 for lo in range(0, len(x), self.chunk)]
+        if len(parts) == 1:
+            return parts[0]
+        outs = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
+        maps = {k: torch.cat([p[3][k] for p in parts]) for k in parts[0][3]}
+        return outs, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]), maps
+
+    def _forward(self, x, classes=None):
         torch = self.torch
         logits_name = self.extractor.logits_name
         if not self.needs_grad:

@@ -163,7 +163,9 @@ class Builder:
         cols = t.column_names
         rows = [tuple(r[c] for c in cols) for r in t.to_pylist()]
         best = page.best_rows(cols, rows, HIGHER, LOWER)
-        return ('<p class="note">One row per vector set (layer x pooling x metric), best first by MAP@R; '
+        return ('<p class="note">One row per vector set (layer x pooling x metric), best first by MAP@R, then '
+                'one row per explanation method (kind explanation: only its explanation_* columns are filled, '
+                'best first by the equivariance-corrected rank correlation); '
                 'the best value of each column is marked (higher is better for agreement, accuracy, precision, '
                 'MAP@R, AUC and continuity accuracy; lower for the same/different ratio, violation rates and '
                 'twin rank; distances of different metrics are not comparable). '
