@@ -17,8 +17,9 @@ from featscope.core.rundir import RunDir, exists, read_table
 from . import MEASURES, run_measure
 
 KEYS = {"knn_agreement": ("layer", "scope"), "class_distances": ("layer", "scope"),
-        "per_class": ("layer", "class"), "continuity": ("layer", "view", "scope"), "layer_comparison": ("layer",)}
-NOT_FIGURES = {"dim"}  # numeric columns that describe the row rather than measure it
+        "per_class": ("layer", "class"), "continuity": ("layer", "view", "scope"), "layer_comparison": ("layer",),
+        "explanation_continuity": ("method", "view")}
+NOT_FIGURES = {"dim", "topk"}  # numeric columns that describe the row rather than measure it
 
 
 def run_labels(paths: list[str]) -> list[str]:
@@ -65,6 +66,8 @@ def compare(paths: list[str], measure: str = "layer_comparison", given: dict | N
     for key in order:
         for fig in figures:
             values = [t.get(key, {}).get(fig) for t in tables]
+            if all(v is None for v in values):
+                continue  # a figure this row has in no run (layer_comparison's explanation rows: no kNN figures)
             deltas = [_delta(v, values[0]) for v in values[1:]]
             rows.append(key + (fig,) + tuple(values) + tuple(deltas))
     return columns, rows

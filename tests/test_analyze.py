@@ -50,7 +50,8 @@ def test_analyze_writes_every_measure_and_a_seeded_sample(run, syn):
     assert res["deep_sample"].startswith("seeded sample")
     for m in queries.MEASURES:
         t = pq.read_table(RunDir(run).p("results", m + ".parquet"))
-        assert t.num_rows > 0 or m in ("continuity", "continuity_images")  # no perturbed views in this run
+        assert t.num_rows > 0 or m in ("continuity", "continuity_images", "explanation_continuity",
+                                       "explanation_images")  # no perturbed views in this run
     deep = pq.read_table(RunDir(run).p("knn_deep", "conv"))
     assert deep.num_rows == 100 * 30 and set(deep.column("rank").to_pylist()) == set(range(1, 31))
     first = sorted(set(deep.column("query_id").to_pylist()))
@@ -83,7 +84,8 @@ def random_digits_run(ray_session, tmp_path_factory):
 
 
 def _comparison(path):
-    return {r["layer"]: r for r in pq.read_table(RunDir(path).p("results", "layer_comparison.parquet")).to_pylist()}
+    return {r["layer"]: r for r in pq.read_table(RunDir(path).p("results", "layer_comparison.parquet")).to_pylist()
+            if r["kind"] == "features"}  # (the explanation methods' rows: tests/test_explain.py)
 
 
 def test_trained_cnn_scores_clearly_higher_than_random_weights(digits_run, random_digits_run):

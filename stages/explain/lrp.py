@@ -16,7 +16,7 @@ def canonizers_for(model: torch.nn.Module) -> list | None:
     from torchvision.models import ResNet, VGG
     from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 
-    from ..models import SmallCNN
+    from featscope.stages.models import SmallCNN
 
     if isinstance(model, ResNet):
         return [ResNetCanonizer()]
