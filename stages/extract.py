@@ -60,8 +60,6 @@ def explanation_schema(hw: int) -> pa.Schema:
                       ("ref", pa.list_(pa.float16(), hw))])
 
 
-
-
 def _fixed(arr: np.ndarray, dtype) -> pa.FixedSizeListArray:
     arr = np.ascontiguousarray(arr.reshape(len(arr), -1), dtype=dtype)
     return pa.FixedSizeListArray.from_arrays(pa.array(arr.ravel()), arr.shape[1])
@@ -317,14 +315,8 @@ def _scaled_half(t) -> tuple[np.ndarray, np.ndarray]:
     for an all-zero map)."""
     t = t.float()
     peak = t.abs().flatten(1).max(dim=1).values
-    scale = torch_where_positive(peak)
+    scale = peak.where(peak > 0, peak.new_ones(()))
     return (t / scale[:, None, None]).cpu().numpy().astype(np.float16), scale.cpu().numpy().astype(np.float32)
-
-
-def torch_where_positive(peak):
-    import torch
-
-    return torch.where(peak > 0, peak, torch.ones_like(peak))
 
 
 def torch_from_pil(img):
