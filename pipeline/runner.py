@@ -89,7 +89,11 @@ CONNECT_TIMEOUT_S = 10.0
 
 def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
     """A cluster address that nothing answers on is one line within `timeout` seconds, not
-    ray.init's retries (it waits minutes on a dead GCS, printing only its own lines)."""
+    ray.init's retries (it waits minutes on a dead GCS, printing only its own lines).
+
+    Two steps: a TCP connection, then gRPC's own handshake (an HTTP/2 SETTINGS exchange, which
+    needs no token): a port that accepts connections but never speaks gRPC (a hung GCS, some
+    other server) would pass the first and hang ray.init forever."""
     import socket
     from urllib.parse import urlparse
 
@@ -99,11 +103,25 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
     host, port = parsed.hostname, parsed.port or (10001 if address.startswith("ray://") else 6379)
     if not host:
         return
+
+    def fail(why: str):
+        raise UserError(f"cannot reach the Ray cluster at {address} (RAY_ADDRESS): {why}; "
+                        f"start it, or unset RAY_ADDRESS for an embedded Ray on this machine") from None
+
+    start = time.monotonic()
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as exc:
-        raise UserError(f"cannot reach the Ray cluster at {address} (RAY_ADDRESS): {exc.strerror or exc}; "
-                        f"start it, or unset RAY_ADDRESS for an embedded Ray on this machine") from None
+        fail(exc.strerror or str(exc))
+    import grpc
+
+    channel = grpc.insecure_channel(f"{host}:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=max(1.0, timeout - (time.monotonic() - start)))
+    except grpc.FutureTimeoutError:
+        fail(f"it accepts connections but does not answer as a Ray cluster within {timeout:g} s")
+    finally:
+        channel.close()
 
 
 def ray_info() -> dict:

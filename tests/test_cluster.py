@@ -233,6 +233,80 @@ TINY = {"data": "builtin:shapes?n=240&size=32", "train_epochs": 1, "shard_size":
         "deep_k": 50, "continuity_queries": 100}
 
 
+def readme_cluster_commands() -> list[str]:
+    """The bash block after `<!-- cluster-commands -->` in README.md, one command per line."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- cluster-commands -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.strip() for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def session_processes(sid: int) -> list[psutil.Process]:
+    """Every process of a session: `ray start` daemons leave their shell but keep its session."""
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                out.append(p)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            pass
+    return out
+
+
+def test_readme_cluster_commands_run_as_written(tmp_path):
+    """The README's cluster block, pasted into a shell on a machine that has never run Ray (empty
+    HOME: no ~/.ray/auth_token). The old block (ray start --head; export RAY_AUTH_MODE=token;
+    ray job submit) failed here with "Token authentication is enabled but no authentication
+    token was found": `ray start --head` turns token auth on only when a token file exists."""
+    commands = readme_cluster_commands()
+    assert commands[-1].startswith("ray job submit") and "featscope run CONFIG.yaml" in commands[-1], commands
+    home, work, out = tmp_path / "home", tmp_path / "work", tmp_path / "run"
+    home.mkdir()
+    work.mkdir()
+    (work / "CONFIG.yaml").write_text(yaml.safe_dump({
+        "data": "builtin:shapes?n=48&size=32", "train_epochs": 1, "perturb": [], "out": str(out),
+        "stages": ["ingest", "train", "extract"]}))
+    temp = Path(f"/tmp/fs-rd-{os.getpid()}")  # RAY_TMPDIR: the head's address file stays out of /tmp/ray
+    env = {k: v for k, v in child_env().items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), RAY_TMPDIR=str(temp))
+    exports = [c for c in commands if c.startswith("export ")]
+
+    def shell(lines: list[str], timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-e", "-c", "\n".join(lines)], cwd=work, env=env, capture_output=True,
+                              text=True, timeout=timeout, start_new_session=True)
+
+    # a session of its own for the head's daemons, so that they (and only they) are stopped after
+    keeper = subprocess.Popen(["bash", "-c", "\n".join(commands[:-1]) + "\nexec sleep 3600"], cwd=work, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: any("gcs_server" in p.name() for p in session_processes(keeper.pid)
+                             if p.is_running()) and any(p.name() == "sleep" for p in session_processes(keeper.pid)),
+                 "the head started by the README's commands", proc=keeper)
+
+        def submitted():
+            # the job server can answer before its agent has registered: a refused submission ran nothing
+            job = shell(exports + commands[-1:], timeout=600)
+            refused = job.returncode != 0 and "No available agent" in job.stdout + job.stderr
+            return None if refused else job
+
+        job = wait_for(submitted, "a job server that takes the job", proc=keeper)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout + job.stderr
+    finally:
+        procs = session_processes(keeper.pid)
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=30)
+        kill_all(procs)
+        keeper.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["ray"]["address"].endswith(":6379")  # the README's head, not an embedded Ray
+    assert all(meta["stages"][s]["status"] == "done" for s in ("ingest", "train", "extract"))
+
+
 def test_ray_job_submit_to_a_loopback_head(ray_session, tmp_path):
     import secrets
 

@@ -9,7 +9,10 @@ import os
 import shutil
 import subprocess
 import sys
+import socket
 import tempfile
+import threading
+import time
 
 import pytest
 
@@ -64,6 +67,46 @@ def test_an_unreachable_cluster_is_one_line(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot reach the Ray cluster at 127.0.0.1:1 (RAY_ADDRESS)" in lines[0]
     assert not out.exists()  # checked before the run directory is made
+
+
+@pytest.fixture
+def silent_port():
+    """A port that accepts TCP connections and never sends a byte (a hung GCS)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held, stop = [], threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join()
+    for c in held + [server]:
+        c.close()
+
+
+def test_a_cluster_that_accepts_but_never_answers_is_one_line_in_bounded_time(silent_port, tmp_path):
+    """Without the gRPC handshake probe ray.init waits on such a port for good (measured: > 100 s)."""
+    out = tmp_path / "run"
+    address = f"127.0.0.1:{silent_port}"
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "featscope.cli", "run", *SMALL, "--out", str(out)], cwd=ROOT,
+                          env=_env(RAY_ADDRESS=address), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"cannot reach the Ray cluster at {address}" in lines[0], lines
+    assert "does not answer as a Ray cluster" in lines[0]
+    assert time.monotonic() - start < 60
+    assert not out.exists()
 
 
 def test_check_reachable_leaves_auto_to_ray():
