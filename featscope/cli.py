@@ -299,5 +299,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `featscope` console script: main() in a process of its own, whose fd 2 it may filter
+    (main() itself stays safe to call in-process, from tests and notebooks)."""
+    from featscope.core.native_lines import drop_native_lines
+
+    drop_native_lines()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

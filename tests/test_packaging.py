@@ -26,7 +26,7 @@ def test_wheel_has_one_top_level_package_and_imports_from_anywhere(tmp_path):
                  "featscope/queries/knn_agreement.sql", "featscope/core/rundir.py", "featscope/cli.py"):
         assert part in names, part
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "featscope = featscope.cli:main" in entry
+    assert "featscope = featscope.cli:entry" in entry
 
     # installed on its own (the editable install of this checkout shadowed by PYTHONPATH)
     target = tmp_path / "site"
