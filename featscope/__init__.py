@@ -6,7 +6,7 @@ The Python API (docs/python.md):
     run = featscope.run(data="builtin:digits", out="runs/digits")   # the pipeline, as `featscope run`
     run = featscope.open("runs/digits")                              # a finished run
     run.sql("SELECT * FROM knn LIMIT 5")                             # read-only, a pyarrow Table
-    run.measure("knn_agreement"); ids, vecs = run.embeddings("conv")
+    run.measure("knn_agreement"); ids, vecs = run.embeddings("penultimate")
     featscope.compare(run_a, run_b)
 
 The package is also the home of the whole distribution: `featscope.pipeline`, `featscope.stages`

@@ -4,8 +4,8 @@
     run = featscope.open("runs/digits")
     run.sql("SELECT * FROM knn LIMIT 3")      # pyarrow Table (run.df(...) for pandas)
     run.measure("knn_agreement", k=5)         # as `featscope query RUN knn_agreement --param k=5`
-    ids, vecs = run.embeddings("conv")        # int64 (N,), float32 (N, dim), straight from Parquet
-    run.neighbors(image="some.png", layer="conv", k=5)
+    ids, vecs = run.embeddings("penultimate")        # int64 (N,), float32 (N, dim), straight from Parquet
+    run.neighbors(image="some.png", layer="penultimate", k=5)
     featscope.compare(run_a, run_b)
 
 Every error is a `featscope.UserError` with the one line the CLI prints; a run that fails its
@@ -225,17 +225,18 @@ class Run:
         return write_run_report(self.path, out, given)["path"]
 
     # ---- vectors and images --------------------------------------------------------------------
-    def embeddings(self, layer: str = "conv", view: str = "orig") -> tuple[np.ndarray, np.ndarray]:
-        """(image ids int64 (N,), vectors float32 (N, dim)) of one layer and view, sorted by id,
-        read from the Parquet shards as arrays (no Python rows)."""
+    def embeddings(self, layer: str | None = None, view: str = "orig") -> tuple[np.ndarray, np.ndarray]:
+        """(image ids int64 (N,), vectors float32 (N, dim)) of one layer (default: the run's first)
+        and view, sorted by id, read from the Parquet shards as arrays (no Python rows)."""
         import pyarrow.compute as pc
 
         from .core.rundir import parquet_dataset
         from .stages.vectors import feature_files, vec_matrix
 
         entries = {e["name"]: e["features"] for e in self.meta.get("index_layers", [])}
-        features = entries.get(layer, layer)
         known = [l["name"] for l in self.meta.get("layers", [])]
+        layer = layer or (known[0] if known else "conv")
+        features = entries.get(layer, layer)
         if features not in known:
             raise UserError(f"unknown layer '{layer}' (this run has: {', '.join(known)})")
         t = parquet_dataset(feature_files(self._dir, features)).to_table(

@@ -99,7 +99,7 @@ def parser() -> argparse.ArgumentParser:
     which = nb.add_mutually_exclusive_group(required=True)
     which.add_argument("--id", type=int, dest="image_id", help="an image_id of the run")
     which.add_argument("--image", dest="image_file", help="an image file, embedded with the run's own model")
-    nb.add_argument("--layer", help="an index layer (default conv): conv, penultimate, penultimate:cosine, ...")
+    nb.add_argument("--layer", help="an index layer (default: conv if the run has it, else its first): conv:cam, penultimate, penultimate:cosine, ...")
     nb.add_argument("--k", type=int, default=10)
     _add_format(nb)
     return ap

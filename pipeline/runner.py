@@ -164,7 +164,7 @@ class Prepared:
 
     def __init__(self, cfg: Config, module=None):
         from featscope.stages import ingest
-        from featscope.stages.layers import resolve_layers, trace
+        from featscope.stages.layers import default_layers, resolve_layers, same_vectors, trace
         from featscope.stages.models import build_model, check_model_name, model_kind, preprocess_for, search_path
 
         self.cfg = cfg
@@ -211,7 +211,11 @@ class Prepared:
         self.info = info
         self.pre = preprocess_for(cfg, info)
         traced = trace(model, self.pre.image_size)
+        if cfg.layers is None:  # resolved once, here: run.json, the fingerprint and every stage see the list
+            cfg.layers = default_layers(traced)
         self.layers = resolve_layers(traced, cfg.layers)
+        # two names for one set of vectors: every figure twice, one answer (said, not refused)
+        self.same_vectors = same_vectors(traced, self.layers)
         self.index_layers = index_layers(cfg, self.layers)
         from featscope.stages import perturb
 
@@ -229,6 +233,9 @@ class Prepared:
         self.run = RunDir(cfg.run_dir)
         if not cfg.weights and not self.needs_training and self.kind != "object":  # said once every check passed
             say(f"warning: {cfg.model} has no --weights: it is randomly initialised (seeded)")
+        for a, b in self.same_vectors:
+            say(f"note: layers {a} and {b} are the same vectors for this network (its head is global-average-pool "
+                f"+ linear): every figure comes out twice; conv:cam or conv:flat is a distinct set")
 
     def fingerprint(self) -> str:
         keys = {k: getattr(self.cfg, k) for k in _FINGERPRINT_KEYS}

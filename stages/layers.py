@@ -383,6 +383,35 @@ def split_metric(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
+def default_layers(traced: Traced) -> list[str]:
+    """Two vector sets that differ. For a global-average-pool + linear head (the built-in CNN,
+    ResNet, DenseNet, ...) conv's GAP is exactly the penultimate vector, so conv comes CAM-pooled
+    there (the map weighted by where the predicted class's evidence sits)."""
+    out = []
+    if traced.conv is not None and not traced.trace_error:
+        out.append("conv:cam" if traced.cam_ok else "conv")
+    if traced.linear is not None:
+        out.append("penultimate")
+    return out or ["conv"]  # neither: resolve_layers says why conv is unavailable
+
+
+def same_vectors(traced: Traced, layers: list[Layer]) -> list[tuple[str, str]]:
+    """Pairs of requested layers that are the same vectors: conv (GAP) and penultimate where the
+    head is GAP + linear (the penultimate node is the pooled conv map itself), or two names of
+    one node with one pooling."""
+    pairs, seen = [], {}
+    gap_is_penultimate = traced.cam_ok
+    for layer in layers:
+        key = (layer.node, layer.pooling)
+        if gap_is_penultimate and layer.pooling == "gap" and layer.node == traced.names.get(traced.conv):
+            key = (traced.names.get(traced.penultimate), "none")
+        if key in seen:
+            pairs.append((seen[key], layer.name))
+        else:
+            seen[key] = layer.name
+    return pairs
+
+
 def resolve_layers(traced: Traced, specs: list[str]) -> list[Layer]:
     layers: dict[str, Layer] = {}
     for spec in specs:

@@ -90,7 +90,7 @@ def _comparison(path):
 
 def test_trained_cnn_scores_clearly_higher_than_random_weights(digits_run, random_digits_run):
     trained, random = _comparison(digits_run), _comparison(random_digits_run)
-    assert set(trained) == set(random) == {"conv", "penultimate"}
+    assert set(trained) == set(random) == {"conv:cam", "penultimate"}
     for layer in trained:
         t, r = trained[layer], random[layer]
         assert t["agreement"] > r["agreement"] + 0.05, (layer, t["agreement"], r["agreement"])
@@ -112,7 +112,7 @@ def test_featscope_run_ends_with_the_summary(digits_run, tmp_path, capsys):
     lines = out.splitlines()
     header = next(i for i, l in enumerate(lines) if l.startswith("layer "))
     assert lines[header].split() == analyze.SUMMARY_COLUMNS
-    assert {lines[header + 2].split()[0], lines[header + 3].split()[0]} == {"conv", "penultimate"}
+    assert {lines[header + 2].split()[0], lines[header + 3].split()[0]} == {"conv:cam", "penultimate"}
     assert "precision@1, R-precision, MAP@R: exact search, 1797 of 1797 images" in out
 
 
@@ -122,5 +122,5 @@ def test_compare_two_digits_runs(digits_run, random_digits_run, capsys):
 
     rows = json.loads(capsys.readouterr().out)
     agreement = {r["layer"]: r for r in rows if r["figure"] == "agreement"}
-    assert set(agreement) == {"conv", "penultimate"}
+    assert set(agreement) == {"conv:cam", "penultimate"}
     assert all(r[[c for c in r if c.startswith("delta_")][0]] > 0.05 for r in agreement.values())

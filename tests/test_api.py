@@ -67,7 +67,7 @@ def test_api_run_equals_the_cli_run(digits_run, cli_run):
     assert api.meta["fingerprint"] == cli_run.meta["fingerprint"]
 
 
-@pytest.mark.parametrize("layer, view", [("conv", "orig"), ("penultimate", "noise:0.05")])
+@pytest.mark.parametrize("layer, view", [("conv:cam", "orig"), ("penultimate", "noise:0.05")])
 def test_embeddings_equal_sql_rows(digits_run, layer, view):
     run = featscope.open(digits_run)
     ids, vecs = run.embeddings(layer, view=view)
@@ -96,10 +96,10 @@ def test_sql_measure_status_compare_match_the_cli(digits_run):
 
 def test_neighbors_by_image_finds_the_image_itself(digits_run):
     run = featscope.open(digits_run)
-    ids, _ = run.embeddings("conv")
+    ids, _ = run.embeddings("conv:cam")
     image = run.images([ids[42]])[0]
     for query in (image, np.asarray(image)):
-        table = run.neighbors(image=query, layer="conv", k=3)
+        table = run.neighbors(image=query, layer="conv:cam", k=3)
         assert table.column("image_id")[0].as_py() == ids[42] and table.column("distance")[0].as_py() < 1e-3
     by_id = run.neighbors(image_id=int(ids[42]), layer="penultimate", k=4)
     assert by_id.num_rows == 4 and int(ids[42]) not in by_id.column("image_id").to_pylist()

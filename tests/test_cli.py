@@ -103,3 +103,24 @@ def test_status(digits_run, capsys):
     assert main(["status", digits_run, "--format", "json"]) == 0
     rows = {r["stage"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["ingest"]["rows"] == 1797 and rows["extract"]["status"] == "done"
+
+
+def test_two_names_of_the_same_vectors_are_said_and_the_default_differs(tmp_path, capsys):
+    """smallcnn's head is GAP + linear: conv (GAP) is the penultimate vector (tests/test_layers.py
+    checks that numerically); the default takes conv:cam beside penultimate instead."""
+    from featscope.core.config import build_config
+    from featscope.pipeline.runner import Prepared
+
+    def prepared(**keys):
+        cfg = build_config(None, {"data": "builtin:shapes?n=8", "out": str(tmp_path / "run"), **keys},
+                           ["train_epochs=0"])
+        return cfg, Prepared(cfg)
+
+    cfg, prep = prepared(layers=["conv", "penultimate"])
+    err = capsys.readouterr().err
+    assert "note: layers conv and penultimate are the same vectors for this network" in err
+    assert prep.same_vectors == [("conv", "penultimate")]
+    cfg, prep = prepared()
+    assert cfg.layers == ["conv:cam", "penultimate"] and [l.name for l in prep.layers] == cfg.layers
+    assert "same vectors" not in capsys.readouterr().err and prep.same_vectors == []
+    assert not (tmp_path / "run").exists()

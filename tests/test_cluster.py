@@ -363,19 +363,19 @@ def test_ray_job_submit_to_a_loopback_head(ray_session, tmp_path):
     run = str(out)
     assert rows(run, "SELECT count(*) FROM images") == [(240,)]
     assert rows(run, "SELECT layer, view, count(*) FROM embeddings GROUP BY ALL ORDER BY ALL") == [
-        (layer, view, 240) for layer in ("conv", "penultimate") for view in ("noise:0.05", "orig")]
+        (layer, view, 240) for layer in ("conv:cam", "penultimate") for view in ("noise:0.05", "orig")]
     assert rows(run, "SELECT layer, count(DISTINCT query_id), count(*) FROM knn GROUP BY 1 ORDER BY 1") == [
-        ("conv", 240, 2400), ("penultimate", 240, 2400)]
+        ("conv:cam", 240, 2400), ("penultimate", 240, 2400)]
     # the shipped factory built the same (seeded) network as the test module's own factory does here
     own_meta = json.loads((own_out / "run.json").read_text())
     assert own_meta["model"]["kind"] == "factory" and own_meta["ray"]["address"].endswith(f":{port}")
     import featscope
 
-    here = featscope.run(TINY["data"], "tests.custom_nets:make_net", ["conv", "penultimate"], str(tmp_path / "here"),
+    here = featscope.run(TINY["data"], "tests.custom_nets:make_net", None, str(tmp_path / "here"),
                          image_size=32, shard_size=TINY["shard_size"], perturb=TINY["perturb"],
                          stages=["ingest", "extract"], quiet=True)
     assert own_meta["model"]["sha256"] == here.meta["model"]["sha256"]
-    for layer in ("conv", "penultimate"):
+    for layer in ("conv:cam", "penultimate"):  # the defaults for its GAP + linear head
         np.testing.assert_allclose(featscope.open(str(own_out)).embeddings(layer)[1], here.embeddings(layer)[1],
                                    atol=1e-6)
 

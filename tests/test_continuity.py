@@ -33,7 +33,8 @@ def continuity(run_path, **params):
 def shapes_run(ray_session, tmp_path_factory):
     """36 shapes, a random built-in CNN, three views: small enough to recompute everything by hand."""
     out = str(tmp_path_factory.mktemp("cont") / "run")
-    cfg = build_config(None, {"data": "builtin:shapes?n=36", "out": out, "k": 3, "perturb": VIEWS},
+    cfg = build_config(None, {"data": "builtin:shapes?n=36", "out": out, "k": 3, "perturb": VIEWS,
+                             "layers": ["conv", "penultimate"]},  # conv GAP: recomputed by hand below
                        ["train_epochs=0", "batch_size=8", "metrics=[l2,cosine]"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

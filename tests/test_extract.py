@@ -61,7 +61,7 @@ def test_vectors_predictions_and_cams_match_the_model(digits_run):
 def test_views_cover_every_image_once(digits_run):
     con = connect(digits_run)
     n = con.execute("SELECT count(*) FROM images").fetchone()[0]
-    for layer in ("conv", "penultimate"):
+    for layer in ("conv:cam", "penultimate"):
         assert con.execute(f"SELECT count(*), count(DISTINCT image_id) FROM embeddings WHERE layer = '{layer}'"
                            " AND view = 'orig'").fetchone() == (n, n)
         # and each perturbed view once per image
@@ -70,7 +70,7 @@ def test_views_cover_every_image_once(digits_run):
     assert con.execute("SELECT count(*) FROM predictions WHERE view = 'orig'").fetchone()[0] == n
     assert con.execute("SELECT count(*) FROM layers").fetchone()[0] == 2
     # the typed per-layer view works with DuckDB's array functions
-    d = con.execute("SELECT array_distance(a.vec, b.vec) FROM embeddings_conv a, embeddings_conv b "
+    d = con.execute("SELECT array_distance(a.vec, b.vec) FROM embeddings_conv_cam a, embeddings_conv_cam b "
                 "WHERE a.image_id = b.image_id AND a.view = b.view LIMIT 1").fetchone()[0]
     assert d == 0
 
@@ -108,7 +108,7 @@ def test_resume_skips_finished_shards_and_redoes_missing_ones(ray_session, tmp_p
         changed = {p for p, t in _mtimes(out).items() if before.get(p) != t}
         assert changed and all("part-00001" in p for p in changed)
         con = connect(str(out))
-        assert con.execute("SELECT count(*), count(DISTINCT image_id) FROM embeddings_conv").fetchone() == (100, 100)
+        assert con.execute("SELECT count(*), count(DISTINCT image_id) FROM embeddings_conv_cam").fetchone() == (100, 100)
         # --overwrite redoes everything
         again = run_pipeline(_shapes_cfg(out, overwrite=True), quiet=True)
         assert again["extract"]["redone"] == 3

@@ -8,7 +8,8 @@ import torch
 import torchvision
 
 from featscope.core.config import UserError
-from featscope.stages.layers import FeatureExtractor, Traced, class_activation_map, head_weights, resolve_layers
+from featscope.stages.layers import (FeatureExtractor, Traced, class_activation_map, default_layers, head_weights,
+                                     resolve_layers, same_vectors)
 from featscope.stages.models import SmallCNN
 
 # family -> (conv node, penultimate node, CAM exact?)
@@ -54,6 +55,12 @@ def test_aliases_resolve_for_each_family(name):
     torch.testing.assert_close(lin(pen), logits, rtol=1e-4, atol=1e-4)
     if cam_exact:  # for GAP + linear heads the penultimate vector is the GAP of the conv map
         torch.testing.assert_close(fmap.mean(dim=(2, 3)), pen, rtol=1e-4, atol=1e-5)
+    elif fmap.shape[1] == pen.shape[1]:
+        assert not torch.allclose(fmap.mean(dim=(2, 3)), pen, atol=1e-3)
+    # so the default is two sets that differ, and asking for conv beside penultimate says it is one set
+    assert default_layers(traced) == (["conv:cam", "penultimate"] if cam_exact else ["conv", "penultimate"])
+    assert same_vectors(traced, list(layers.values())) == ([("conv", "penultimate")] if cam_exact else [])
+    assert same_vectors(traced, resolve_layers(traced, default_layers(traced))) == []
 
 
 @pytest.mark.parametrize("name", ["smallcnn", "resnet18", "densenet121", "efficientnet_b0"])

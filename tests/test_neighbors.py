@@ -20,7 +20,7 @@ def digit_file(tmp_path_factory):
     return str(path), image_id(rec["key"])
 
 
-@pytest.mark.parametrize("layer", ["conv", "penultimate"])
+@pytest.mark.parametrize("layer", ["conv:cam", "penultimate"])
 def test_lookup_by_file_finds_the_image_itself(digits_run, digit_file, capsys, layer):
     path, own = digit_file
     assert main(["neighbors", digits_run, "--image", path, "--layer", layer, "--k", "3", "--format", "json"]) == 0
@@ -33,8 +33,8 @@ def test_lookup_by_file_finds_the_image_itself(digits_run, digit_file, capsys, l
 def test_lookup_by_id_matches_the_knn_graph(digits_run):
     con = catalog.connect(digits_run)
     qid = con.sql("SELECT image_id FROM images ORDER BY image_id LIMIT 1 OFFSET 100").fetchall()[0][0]
-    rows = neighbors(digits_run, image_id=qid, layer="conv", k=10)
-    graph = con.sql(f"SELECT neighbor_id, distance FROM knn WHERE layer = 'conv' AND query_id = {qid} "
+    rows = neighbors(digits_run, image_id=qid, layer="conv:cam", k=10)
+    graph = con.sql(f"SELECT neighbor_id, distance FROM knn WHERE layer = 'conv:cam' AND query_id = {qid} "
                     "ORDER BY rank").fetchall()
     assert len(rows) == 10 and all(r["image_id"] != qid for r in rows)
     assert [r["rank"] for r in rows] == list(range(1, 11))
@@ -49,7 +49,7 @@ def test_knn_view_of_the_default_run(digits_run):
     per = con.sql("SELECT layer, query_id, count(*) c, sum((query_id = neighbor_id)::INT) s FROM knn "
                   "GROUP BY ALL").fetchall()
     layers = {l for l, *_ in per}
-    assert layers == {"conv", "penultimate"} and len(per) == 2 * n
+    assert layers == {"conv:cam", "penultimate"} and len(per) == 2 * n
     assert {(c, s) for _, _, c, s in per} == {(10, 0)}
 
 

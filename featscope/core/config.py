@@ -28,7 +28,10 @@ class Config:
     data: str = "builtin:digits"
     model: str = "smallcnn"  # smallcnn, a torchvision name, timm:NAME, package.module:factory (stages/models.py)
     weights: str | None = None
-    layers: list[str] = field(default_factory=lambda: ["conv", "penultimate"])
+    # None: two distinct vector sets the network has (stages/layers.py default_layers): conv:cam and
+    # penultimate for a global-average-pool + linear head (whose conv GAP *is* penultimate), else conv
+    # and penultimate
+    layers: list[str] | None = None
     image_size: int | None = None  # None: the model's own (224 torchvision, 32 smallcnn)
     out: str | None = None  # None: runs/<dataset>-<model>
     k: int = 10
@@ -199,7 +202,7 @@ def validate(cfg: Config) -> None:
         raise UserError("batch_size and shard_size must be positive")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"device must be auto, cpu or cuda, not {cfg.device!r}")
-    if not cfg.layers:
+    if cfg.layers is not None and not cfg.layers:
         raise UserError("at least one layer is needed")
     if cfg.deep_queries < 1 or cfg.deep_k < 1:
         raise UserError("deep_queries and deep_k must be positive")
