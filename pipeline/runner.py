@@ -97,7 +97,17 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
     import socket
     from urllib.parse import urlparse
 
-    if address in ("auto", "local") or "://" in address and not address.startswith("ray://"):
+    if address == "auto":  # the address Ray would pick: its temp dir's last cluster (perhaps a dead one)
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            resolved = canonicalize_bootstrap_address("auto")
+        except Exception:  # noqa: BLE001 - none found: ray.init says so itself, at once
+            return
+        if resolved:
+            check_reachable(resolved, timeout)
+        return
+    if address == "local" or "://" in address and not address.startswith("ray://"):
         return  # Ray resolves these itself (http(s):// is a job server's, which ray.init refuses)
     parsed = urlparse(address if "://" in address else "tcp://" + address)
     host, port = parsed.hostname, parsed.port or (10001 if address.startswith("ray://") else 6379)

@@ -112,8 +112,23 @@ def test_a_cluster_that_accepts_but_never_answers_is_one_line_in_bounded_time(si
     assert not out.exists()
 
 
-def test_check_reachable_leaves_auto_to_ray():
+def test_auto_is_probed_at_the_address_ray_would_pick(silent_port, monkeypatch):
+    """RAY_ADDRESS=auto means the cluster Ray finds (a running GCS, else its temp dir's last
+    cluster, perhaps a hung one): that address is probed like any other. Which one Ray finds
+    depends on what runs on the machine, so Ray's lookup is pinned here."""
+    import ray._private.services as services
+
+    from featscope.core.config import UserError
     from featscope.pipeline.runner import check_reachable
 
-    check_reachable("auto")  # nothing to probe: Ray resolves it (and "local" starts one)
-    check_reachable("local")
+    monkeypatch.setattr(services, "canonicalize_bootstrap_address", lambda addr, temp_dir=None: f"127.0.0.1:{silent_port}")
+    start = time.monotonic()
+    with pytest.raises(UserError, match=f"cluster at 127.0.0.1:{silent_port} .*does not answer as a Ray cluster"):
+        check_reachable("auto", timeout=2)
+    assert time.monotonic() - start < 30
+
+
+def test_check_reachable_leaves_local_to_ray():
+    from featscope.pipeline.runner import check_reachable
+
+    check_reachable("local")  # nothing to probe: Ray starts one
