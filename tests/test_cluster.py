@@ -153,6 +153,10 @@ def test_cluster_yaml_validates_against_rays_own_schema():
     assert all("WORKER_NODE_ADDRESS" in w for w in config["provider"]["worker_ips"])
     assert any("pip install" in c and "featscope" in c for c in config["setup_commands"])
     assert "ray start --head" in " ".join(config["head_start_ray_commands"])
+    # token auth on every node (set before ray start), with the one token copied from the launcher
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        assert all("RAY_AUTH_MODE=token ray start" in c for c in commands if "ray start" in c)
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     # the commented cloud GPU node type is a valid config too, once uncommented
     tail = text[text.index("\n# provider:") + 1:].splitlines()
     cloud = yaml.safe_load("\n".join(line[2:] if line.startswith("# ") else line.lstrip("#") for line in tail))
