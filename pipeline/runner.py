@@ -243,9 +243,10 @@ class Prepared:
         self.run = RunDir(cfg.run_dir)
         if not cfg.weights and not self.needs_training and self.kind != "object":  # said once every check passed
             say(f"warning: {cfg.model} has no --weights: it is randomly initialised (seeded)")
-        for a, b in self.same_vectors:
-            say(f"note: layers {a} and {b} are the same vectors for this network (its head is global-average-pool "
-                f"+ linear): every figure comes out twice; conv:cam or conv:flat is a distinct set")
+        for a, b, why in self.same_vectors:
+            hint = "; conv:cam or conv:flat is a distinct set" if "global-average-pool" in why else ""
+            say(f"note: layers {a} and {b} are the same vectors for this network ({why}): every figure comes "
+                f"out twice{hint}")
 
     def fingerprint(self) -> str:
         keys = {k: getattr(self.cfg, k) for k in _FINGERPRINT_KEYS}

@@ -395,20 +395,22 @@ def default_layers(traced: Traced) -> list[str]:
     return out or ["conv"]  # neither: resolve_layers says why conv is unavailable
 
 
-def same_vectors(traced: Traced, layers: list[Layer]) -> list[tuple[str, str]]:
-    """Pairs of requested layers that are the same vectors: conv (GAP) and penultimate where the
-    head is GAP + linear (the penultimate node is the pooled conv map itself), or two names of
-    one node with one pooling."""
+def same_vectors(traced: Traced, layers: list[Layer]) -> list[tuple[str, str, str]]:
+    """(layer, layer, why) for requested layers that are the same vectors: the conv map's GAP and
+    penultimate where the head is GAP + linear (the penultimate node is the pooled conv map
+    itself), or two names of one node pooled the same way."""
     pairs, seen = [], {}
-    gap_is_penultimate = traced.cam_ok
     for layer in layers:
         key = (layer.node, layer.pooling)
-        if gap_is_penultimate and layer.pooling == "gap" and layer.node == traced.names.get(traced.conv):
+        if traced.cam_ok and layer.pooling == "gap" and layer.node == traced.names.get(traced.conv):
             key = (traced.names.get(traced.penultimate), "none")
-        if key in seen:
-            pairs.append((seen[key], layer.name))
-        else:
-            seen[key] = layer.name
+        if key not in seen:
+            seen[key] = layer
+            continue
+        first = seen[key]
+        why = ("one node, pooled the same way" if (first.node, first.pooling) == (layer.node, layer.pooling) else
+               "the head is global-average-pool + linear: the pooled conv map is the penultimate vector")
+        pairs.append((first.name, layer.name, why))
     return pairs
 
 

@@ -119,8 +119,12 @@ def test_two_names_of_the_same_vectors_are_said_and_the_default_differs(tmp_path
     cfg, prep = prepared(layers=["conv", "penultimate"])
     err = capsys.readouterr().err
     assert "note: layers conv and penultimate are the same vectors for this network" in err
-    assert prep.same_vectors == [("conv", "penultimate")]
+    assert [p[:2] for p in prep.same_vectors] == [("conv", "penultimate")]
+    assert "global-average-pool + linear" in prep.same_vectors[0][2]
     cfg, prep = prepared()
     assert cfg.layers == ["conv:cam", "penultimate"] and [l.name for l in prep.layers] == cfg.layers
     assert "same vectors" not in capsys.readouterr().err and prep.same_vectors == []
+    _, prep = prepared(model="resnet18", layers=["conv", "layer4", "penultimate"], image_size=32)
+    assert prep.same_vectors[0][:2] == ("conv", "layer4")  # conv is layer4's last node, GAP both
+    assert "one node, pooled the same way" in prep.same_vectors[0][2] and len(prep.same_vectors) == 2
     assert not (tmp_path / "run").exists()
