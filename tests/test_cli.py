@@ -109,7 +109,10 @@ def test_two_names_of_the_same_vectors_are_said_and_the_default_differs(tmp_path
     """smallcnn's head is GAP + linear: conv (GAP) is the penultimate vector (tests/test_layers.py
     checks that numerically); the default takes conv:cam beside penultimate instead."""
     from featscope.core.config import build_config
+    from featscope.core.progress import set_quiet
     from featscope.pipeline.runner import Prepared
+
+    set_quiet(False)  # an earlier --format json call in this process left it quiet
 
     def prepared(**keys):
         cfg = build_config(None, {"data": "builtin:shapes?n=8", "out": str(tmp_path / "run"), **keys},

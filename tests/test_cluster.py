@@ -256,7 +256,24 @@ def session_processes(sid: int) -> list[psutil.Process]:
     return out
 
 
-def test_readme_cluster_commands_run_as_written(tmp_path):
+@pytest.fixture
+def no_ray_in_this_process():
+    """The README's head takes Ray's default ports (6379, 8265 and the dashboard agent's 52365),
+    and an embedded Ray such as this test session's holds 8265 and 52365 too (its head's job
+    server then has "No available agent"): the session's Ray steps aside and comes back after."""
+    import ray
+
+    from featscope.pipeline.runner import connect_ray
+
+    was = ray.is_initialized()
+    if was:
+        ray.shutdown()
+    yield
+    if was:
+        connect_ray(num_cpus=2)
+
+
+def test_readme_cluster_commands_run_as_written(no_ray_in_this_process, tmp_path):
     """The README's cluster block, pasted into a shell on a machine that has never run Ray (empty
     HOME: no ~/.ray/auth_token). The old block (ray start --head; export RAY_AUTH_MODE=token;
     ray job submit) failed here with "Token authentication is enabled but no authentication
@@ -367,19 +384,19 @@ def test_ray_job_submit_to_a_loopback_head(ray_session, tmp_path):
     run = str(out)
     assert rows(run, "SELECT count(*) FROM images") == [(240,)]
     assert rows(run, "SELECT layer, view, count(*) FROM embeddings GROUP BY ALL ORDER BY ALL") == [
-        (layer, view, 240) for layer in ("conv:cam", "penultimate") for view in ("noise:0.05", "orig")]
+        (layer, view, 240) for layer in ("conv", "penultimate") for view in ("noise:0.05", "orig")]
     assert rows(run, "SELECT layer, count(DISTINCT query_id), count(*) FROM knn GROUP BY 1 ORDER BY 1") == [
-        ("conv:cam", 240, 2400), ("penultimate", 240, 2400)]
+        ("conv", 240, 2400), ("penultimate", 240, 2400)]
     # the shipped factory built the same (seeded) network as the test module's own factory does here
     own_meta = json.loads((own_out / "run.json").read_text())
     assert own_meta["model"]["kind"] == "factory" and own_meta["ray"]["address"].endswith(f":{port}")
     import featscope
 
-    here = featscope.run(TINY["data"], "tests.custom_nets:make_net", None, str(tmp_path / "here"),
+    here = featscope.run(TINY["data"], "tests.custom_nets:make_net", ["conv", "penultimate"], str(tmp_path / "here"),
                          image_size=32, shard_size=TINY["shard_size"], perturb=TINY["perturb"],
                          stages=["ingest", "extract"], quiet=True)
     assert own_meta["model"]["sha256"] == here.meta["model"]["sha256"]
-    for layer in ("conv:cam", "penultimate"):  # the defaults for its GAP + linear head
+    for layer in ("conv", "penultimate"):
         np.testing.assert_allclose(featscope.open(str(own_out)).embeddings(layer)[1], here.embeddings(layer)[1],
                                    atol=1e-6)
 
