@@ -25,6 +25,7 @@ from featscope.core.rundir import RunDir, layer_dir, read_table
 DISTANCE_NOTE = {"l2": "Euclidean distance (sqrt of squared L2) = DuckDB array_distance",
                  "cosine": "1 - cosine similarity = DuckDB array_cosine_distance"}
 Q_BLOCK, B_CHUNK = 2048, 16384  # 2048 x 16384 float32 scores = 128 MB; measured flat above ~1024 x 8192
+GROUP, COL_GROUP = 16, 16  # scores per group in the first stage of smallest_in_rows / _cols
 
 
 def feature_files(run: RunDir, features: str) -> list[str]:
@@ -113,6 +114,62 @@ def score_buffer(device: str = "cpu"):
     return torch.empty(Q_BLOCK * B_CHUNK, dtype=torch.float32, device=device)
 
 
+def smallest_in_rows(s, c: int, group: int):
+    """(scores, column indices) [m, c] of the c smallest scores in each row of s [m, w], unsorted.
+
+    Two stages, because `topk` over a whole row costs ~15-20% of the matmul that made it: the
+    minima of `group` interleaved column groups (a vectorised reduction), then `topk` over only
+    the members of the c groups with the smallest minima (the c smallest scores lie in those
+    groups: any score outside them is beaten by c group minima). The last w % group columns
+    join the second stage as they are.
+    """
+    import torch
+
+    m, w = s.shape
+    c = min(c, w)
+    span = w // group
+    if span < 4 * c:  # too few groups to pay: plain top-k
+        return s.topk(c, dim=1, largest=False, sorted=False)
+    mins = s[:, :span * group].unflatten(1, (group, span)).amin(1)
+    _, grp = mins.topk(c, dim=1, largest=False, sorted=False)
+    cols = _members(grp, span, group, w)
+    v, j = s.gather(1, cols).topk(c, dim=1, largest=False, sorted=False)
+    return v, cols.gather(1, j)
+
+
+def smallest_in_cols(s, c: int, group: int):
+    """(scores, row indices) [w, c] of the c smallest scores in each column of s [h, w], unsorted.
+
+    `smallest_in_rows` of the transpose without copying the tile: the group minima reduce over
+    rows (vectorised along the contiguous columns), and only those minima, `group` times smaller
+    than the tile, are transposed for the group top-k.
+    """
+    import torch
+
+    h, w = s.shape
+    c = min(c, h)
+    span = h // group
+    if span < 4 * c:
+        return s.T.contiguous().topk(c, dim=1, largest=False, sorted=False)
+    mins = s[:span * group].unflatten(0, (group, span)).amin(0)
+    _, grp = mins.T.contiguous().topk(c, dim=1, largest=False, sorted=False)
+    rows = _members(grp, span, group, h)
+    v, j = s.T.gather(1, rows).topk(c, dim=1, largest=False, sorted=False)
+    return v, rows.gather(1, j)
+
+
+def _members(grp, span: int, group: int, width: int):
+    """Indices of every member of the chosen interleaved groups [m, c], plus the tail past
+    span * group that no group covers: [m, c * group + width % (span * group)]."""
+    import torch
+
+    idx = (grp.unsqueeze(2) + torch.arange(0, span * group, span, device=grp.device)).flatten(1)
+    if width > span * group:
+        tail = torch.arange(span * group, width, device=grp.device).expand(len(grp), -1)
+        idx = torch.cat([idx, tail], 1)
+    return idx
+
+
 def exact_candidates(q, base_t, base_sq, c: int, metric: str, buf=None):
     """Positions [m, c] of the c best base rows for each query row, by blocked matmul + top-k.
 
@@ -132,7 +189,7 @@ def exact_candidates(q, base_t, base_sq, c: int, metric: str, buf=None):
                 s = torch.mm(q, b.T, out=out).neg_()  # largest similarity = smallest score, as for L2
             else:
                 s = torch.addmm(base_sq[lo:lo + B_CHUNK], q, b.T, alpha=-2.0, out=out)
-            v, i = s.topk(min(c, len(b)), dim=1, largest=False, sorted=False)
+            v, i = smallest_in_rows(s, c, GROUP)
             i += lo
             if best_s is None:
                 best_s, best_i = v, i
@@ -140,6 +197,70 @@ def exact_candidates(q, base_t, base_sq, c: int, metric: str, buf=None):
                 v, j = torch.cat([best_s, v], 1).topk(c, dim=1, largest=False, sorted=False)
                 best_s, best_i = v, torch.gather(torch.cat([best_i, i], 1), 1, j)
     return best_i.cpu().numpy()
+
+
+class RunningTopK:
+    """The c best (score, base position) seen so far for every row of the base: [N, c] each."""
+
+    def __init__(self, n: int, c: int, device):
+        import torch
+
+        self.c = c
+        self.scores = torch.full((n, c), float("inf"), device=device)
+        self.pos = torch.full((n, c), -1, dtype=torch.int64, device=device)
+
+    def update(self, lo: int, scores, pos) -> None:
+        """Rows lo.. of the state merged with new candidates (scores, positions) [m, <= c]."""
+        import torch
+
+        hi = lo + len(scores)
+        v, j = torch.cat([self.scores[lo:hi], scores], 1).topk(self.c, dim=1, largest=False, sorted=False)
+        self.pos[lo:hi] = torch.cat([self.pos[lo:hi], pos], 1).gather(1, j)
+        self.scores[lo:hi] = v
+
+
+def symmetric_scores(base_t, base_sq, lo: int, hi: int, clo: int, chi: int, metric: str, out):
+    """Scores of rows lo:hi against rows clo:chi, symmetric so that both sides rank by them:
+    ||a||^2 + ||b||^2 - 2 a.b for L2 (the bias of both sides), -a.b for cosine."""
+    import torch
+
+    a, b = base_t[lo:hi], base_t[clo:chi]
+    if metric == "cosine":
+        return torch.mm(a, b.T, out=out).neg_()
+    s = torch.addmm(base_sq[clo:chi], a, b.T, alpha=-2.0, out=out)  # the bias add fused in the matmul
+    return s.add_(base_sq[lo:hi, None])
+
+
+def self_join_candidates(base_t, base_sq, c: int, metric: str, rows: int = Q_BLOCK, cols: int = B_CHUNK,
+                         buf=None):
+    """Exact self-join by the upper triangle of the score matrix: yields (lo, hi, positions
+    [hi - lo, c]) for consecutive row blocks, each row's c best base rows (itself included).
+
+    Scores are symmetric, so tile (rows I, columns J) serves both sides: its rows update
+    block I's running top-k, its columns (transposed) block J's. Only tiles J >= I are
+    computed (half the matmul); row block I's diagonal square updates its rows only (its
+    columns are the same pairs). After row block I, block I has seen every pair: it is
+    final and yielded, so results come out progressively, in order.
+    """
+    import torch
+
+    n = base_t.shape[0]
+    c = min(c, n)
+    best = RunningTopK(n, c, base_t.device)
+    if buf is None:
+        buf = torch.empty(rows * max(rows, cols), device=base_t.device)
+    with torch.inference_mode():
+        for lo in range(0, n, rows):
+            hi = min(n, lo + rows)
+            for clo, chi in [(lo, hi)] + [(j, min(n, j + cols)) for j in range(hi, n, cols)]:
+                out = buf[: (hi - lo) * (chi - clo)].view(hi - lo, chi - clo)
+                s = symmetric_scores(base_t, base_sq, lo, hi, clo, chi, metric, out)
+                v, i = smallest_in_rows(s, c, GROUP)
+                best.update(lo, v, i + clo)
+                if clo >= hi:  # off the diagonal: the same tile, seen from its columns
+                    v, i = smallest_in_cols(s, c, COL_GROUP)
+                    best.update(clo, v, i + lo)
+            yield lo, hi, best.pos[lo:hi].cpu().numpy()
 
 
 def exact_search(queries: np.ndarray, base: np.ndarray, ids: np.ndarray, k: int, metric: str,
