@@ -97,7 +97,7 @@ class KnnWorker:
         nid, dist = np.empty((n, self.k), np.int64), np.empty((n, self.k), np.float32)
         pending = sorted(shards, key=lambda s: s[1])
         start = time.perf_counter()
-        for lo, hi, cand in self_join_candidates(self.base_t, self.base_sq, self.k + 1, self.metric, buf=self.buf):
+        for lo, hi, cand in self_join_candidates(self.base_t, self.base_sq, self.k + 1, self.metric):
             nid[lo:hi], dist[lo:hi] = finish(self.base[lo:hi], self.ids[lo:hi], cand, self.base, self.ids,
                                              self.k, self.metric)
             while pending and pending[0][2] <= hi:

@@ -25,7 +25,10 @@ from featscope.core.rundir import RunDir, layer_dir, read_table
 DISTANCE_NOTE = {"l2": "Euclidean distance (sqrt of squared L2) = DuckDB array_distance",
                  "cosine": "1 - cosine similarity = DuckDB array_cosine_distance"}
 Q_BLOCK, B_CHUNK = 2048, 16384  # 2048 x 16384 float32 scores = 128 MB; measured flat above ~1024 x 8192
-GROUP, COL_GROUP = 16, 16  # scores per group in the first stage of smallest_in_rows / _cols
+# the symmetric self-join's tiles: taller than Q_BLOCK because each column's share of the top-k work
+# is the same however many rows it spans (4096 x 16384 measured ~5% faster than 2048 x 16384)
+SYM_ROWS, SYM_COLS = 4096, 16384
+GROUP, COL_GROUP = 16, 16  # scores per group in the first stage of member_columns / member_rows
 
 
 def feature_files(run: RunDir, features: str) -> list[str]:
@@ -114,53 +117,62 @@ def score_buffer(device: str = "cpu"):
     return torch.empty(Q_BLOCK * B_CHUNK, dtype=torch.float32, device=device)
 
 
-def smallest_in_rows(s, c: int, group: int):
-    """(scores, column indices) [m, c] of the c smallest scores in each row of s [m, w], unsorted.
+def member_columns(s, c: int, group: int, worst=None):
+    """Column indices [m, M] among which each row of s [m, w] has its c smallest scores below
+    `worst` [m] (a row's current c-th best, when it has one), or None when no score beats it.
 
-    Two stages, because `topk` over a whole row costs ~15-20% of the matmul that made it: the
-    minima of `group` interleaved column groups (a vectorised reduction), then `topk` over only
-    the members of the c groups with the smallest minima (the c smallest scores lie in those
-    groups: any score outside them is beaten by c group minima). The last w % group columns
-    join the second stage as they are.
+    `topk` over a whole 16384-wide row costs ~15-20% of the matmul that made it, so the
+    search is two-stage: the minima of `group` interleaved column groups (a vectorised
+    reduction), then only the members of the c groups with the smallest minima (the c
+    smallest scores lie in those groups: a score outside them is beaten by c group minima),
+    plus the last w % group columns that no group covers. All columns when groups are few.
     """
     import torch
 
     m, w = s.shape
-    c = min(c, w)
     span = w // group
-    if span < 4 * c:  # too few groups to pay: plain top-k
-        return s.topk(c, dim=1, largest=False, sorted=False)
+    if span < 4 * c:
+        return torch.arange(w, device=s.device).expand(m, -1)
     mins = s[:, :span * group].unflatten(1, (group, span)).amin(1)
+    c = _groups_needed(mins < worst[:, None], 1, c) if worst is not None else c
+    if c == 0:
+        return None
     _, grp = mins.topk(c, dim=1, largest=False, sorted=False)
-    cols = _members(grp, span, group, w)
-    v, j = s.gather(1, cols).topk(c, dim=1, largest=False, sorted=False)
-    return v, cols.gather(1, j)
+    return _members(grp, span, group, w)
 
 
-def smallest_in_cols(s, c: int, group: int):
-    """(scores, row indices) [w, c] of the c smallest scores in each column of s [h, w], unsorted.
+def member_rows(s, c: int, group: int, worst=None):
+    """Row indices [w, M] among which each column of s [h, w] has its c smallest scores below
+    `worst` [w], or None (as `member_columns`).
 
-    `smallest_in_rows` of the transpose without copying the tile: the group minima reduce over
-    rows (vectorised along the contiguous columns), and only those minima, `group` times smaller
-    than the tile, are transposed for the group top-k.
+    `member_columns` of the transpose without copying the tile (a copy costs more than the
+    whole top-k): the group minima reduce over rows, vectorised along the contiguous columns,
+    and only those minima, `group` times smaller than the tile, are transposed.
     """
     import torch
 
     h, w = s.shape
-    c = min(c, h)
     span = h // group
     if span < 4 * c:
-        return s.T.contiguous().topk(c, dim=1, largest=False, sorted=False)
+        return torch.arange(h, device=s.device).expand(w, -1)
     mins = s[:span * group].unflatten(0, (group, span)).amin(0)
+    c = _groups_needed(mins < worst, 0, c) if worst is not None else c
+    if c == 0:
+        return None
     _, grp = mins.T.contiguous().topk(c, dim=1, largest=False, sorted=False)
-    rows = _members(grp, span, group, h)
-    v, j = s.T.gather(1, rows).topk(c, dim=1, largest=False, sorted=False)
-    return v, rows.gather(1, j)
+    return _members(grp, span, group, h)
+
+
+def _groups_needed(beats, dim: int, c: int) -> int:
+    """How many groups the second stage must take: once a row's running top-k is full, only
+    groups whose minimum beats its c-th best can change it, and after the first few tiles
+    few do (a group that only ties it is a tie, and ties may go either way)."""
+    return min(c, int(beats.sum(dim).max()))
 
 
 def _members(grp, span: int, group: int, width: int):
     """Indices of every member of the chosen interleaved groups [m, c], plus the tail past
-    span * group that no group covers: [m, c * group + width % (span * group)]."""
+    span * group that no group covers: [m, c * group + width - span * group]."""
     import torch
 
     idx = (grp.unsqueeze(2) + torch.arange(0, span * group, span, device=grp.device)).flatten(1)
@@ -168,6 +180,31 @@ def _members(grp, span: int, group: int, width: int):
         tail = torch.arange(span * group, width, device=grp.device).expand(len(grp), -1)
         idx = torch.cat([idx, tail], 1)
     return idx
+
+
+class RunningTopK:
+    """The c best (score, base position) seen so far for each of n rows: [n, c] each."""
+
+    def __init__(self, n: int, c: int, device):
+        import torch
+
+        self.c = c
+        self.scores = torch.full((n, c), float("inf"), device=device)
+        self.pos = torch.full((n, c), -1, dtype=torch.int64, device=device)
+
+    def worst(self, lo: int, hi: int):
+        """The c-th best score of rows lo:hi (inf until c candidates have been seen)."""
+        return self.scores[lo:hi].amax(1)
+
+    def offer(self, lo: int, scores, pos) -> None:
+        """Rows lo.. keep the c best of what they hold and new candidates (scores, positions) [m, M]:
+        one top-k that both selects among a tile's group members and merges."""
+        import torch
+
+        hi = lo + len(scores)
+        v, j = torch.cat([self.scores[lo:hi], scores], 1).topk(self.c, dim=1, largest=False, sorted=False)
+        self.pos[lo:hi] = torch.cat([self.pos[lo:hi], pos], 1).gather(1, j)
+        self.scores[lo:hi] = v
 
 
 def exact_candidates(q, base_t, base_sq, c: int, metric: str, buf=None):
@@ -179,8 +216,7 @@ def exact_candidates(q, base_t, base_sq, c: int, metric: str, buf=None):
     import torch
 
     n, m = base_t.shape[0], q.shape[0]
-    c = min(c, n)
-    best_s = best_i = None
+    best = RunningTopK(m, min(c, n), q.device)
     with torch.inference_mode():
         for lo in range(0, n, B_CHUNK):
             b = base_t[lo:lo + B_CHUNK]
@@ -189,34 +225,10 @@ def exact_candidates(q, base_t, base_sq, c: int, metric: str, buf=None):
                 s = torch.mm(q, b.T, out=out).neg_()  # largest similarity = smallest score, as for L2
             else:
                 s = torch.addmm(base_sq[lo:lo + B_CHUNK], q, b.T, alpha=-2.0, out=out)
-            v, i = smallest_in_rows(s, c, GROUP)
-            i += lo
-            if best_s is None:
-                best_s, best_i = v, i
-            else:
-                v, j = torch.cat([best_s, v], 1).topk(c, dim=1, largest=False, sorted=False)
-                best_s, best_i = v, torch.gather(torch.cat([best_i, i], 1), 1, j)
-    return best_i.cpu().numpy()
-
-
-class RunningTopK:
-    """The c best (score, base position) seen so far for every row of the base: [N, c] each."""
-
-    def __init__(self, n: int, c: int, device):
-        import torch
-
-        self.c = c
-        self.scores = torch.full((n, c), float("inf"), device=device)
-        self.pos = torch.full((n, c), -1, dtype=torch.int64, device=device)
-
-    def update(self, lo: int, scores, pos) -> None:
-        """Rows lo.. of the state merged with new candidates (scores, positions) [m, <= c]."""
-        import torch
-
-        hi = lo + len(scores)
-        v, j = torch.cat([self.scores[lo:hi], scores], 1).topk(self.c, dim=1, largest=False, sorted=False)
-        self.pos[lo:hi] = torch.cat([self.pos[lo:hi], pos], 1).gather(1, j)
-        self.scores[lo:hi] = v
+            cols = member_columns(s, best.c, GROUP, best.worst(0, m))
+            if cols is not None:
+                best.offer(0, s.gather(1, cols), cols + lo)
+    return best.pos.cpu().numpy()
 
 
 def symmetric_scores(base_t, base_sq, lo: int, hi: int, clo: int, chi: int, metric: str, out):
@@ -231,8 +243,8 @@ def symmetric_scores(base_t, base_sq, lo: int, hi: int, clo: int, chi: int, metr
     return s.add_(base_sq[lo:hi, None])
 
 
-def self_join_candidates(base_t, base_sq, c: int, metric: str, rows: int = Q_BLOCK, cols: int = B_CHUNK,
-                         buf=None):
+def self_join_candidates(base_t, base_sq, c: int, metric: str, rows: int | None = None,
+                         cols: int | None = None):
     """Exact self-join by the upper triangle of the score matrix: yields (lo, hi, positions
     [hi - lo, c]) for consecutive row blocks, each row's c best base rows (itself included).
 
@@ -246,20 +258,22 @@ def self_join_candidates(base_t, base_sq, c: int, metric: str, rows: int = Q_BLO
 
     n = base_t.shape[0]
     c = min(c, n)
+    rows, cols = rows or SYM_ROWS, cols or SYM_COLS
     best = RunningTopK(n, c, base_t.device)
-    if buf is None:
-        buf = torch.empty(rows * max(rows, cols), device=base_t.device)
+    buf = torch.empty(min(n, rows) * min(n, max(rows, cols)), device=base_t.device)  # once per layer
     with torch.inference_mode():
         for lo in range(0, n, rows):
             hi = min(n, lo + rows)
             for clo, chi in [(lo, hi)] + [(j, min(n, j + cols)) for j in range(hi, n, cols)]:
                 out = buf[: (hi - lo) * (chi - clo)].view(hi - lo, chi - clo)
                 s = symmetric_scores(base_t, base_sq, lo, hi, clo, chi, metric, out)
-                v, i = smallest_in_rows(s, c, GROUP)
-                best.update(lo, v, i + clo)
+                at = member_columns(s, c, GROUP, best.worst(lo, hi))
+                if at is not None:
+                    best.offer(lo, s.gather(1, at), at + clo)
                 if clo >= hi:  # off the diagonal: the same tile, seen from its columns
-                    v, i = smallest_in_cols(s, c, COL_GROUP)
-                    best.update(clo, v, i + lo)
+                    at = member_rows(s, c, COL_GROUP, best.worst(clo, chi))
+                    if at is not None:
+                        best.offer(clo, s.T.gather(1, at), at + lo)
             yield lo, hi, best.pos[lo:hi].cpu().numpy()
 
 

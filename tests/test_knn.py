@@ -102,8 +102,7 @@ def symmetric_self_join(vecs, k, metric):
     ids = np.arange(len(x), dtype=np.int64)
     base_t = torch.from_numpy(x)
     blocks = [vectors.finish(x[lo:hi], ids[lo:hi], cand, x, ids, k, metric)
-              for lo, hi, cand in vectors.self_join_candidates(base_t, (base_t * base_t).sum(1), k + 1, metric,
-                                                               rows=vectors.Q_BLOCK, cols=vectors.B_CHUNK)]
+              for lo, hi, cand in vectors.self_join_candidates(base_t, (base_t * base_t).sum(1), k + 1, metric)]
     return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
 
 
@@ -111,11 +110,12 @@ def symmetric_self_join(vecs, k, metric):
 def test_symmetric_self_join_equals_brute_force_and_per_shard_path(monkeypatch, metric):
     # small tiles and groups, none dividing N or each other: diagonal squares, partial row blocks and
     # column chunks, both two-stage top-k paths (with their tails) and the plain top-k fallback
-    for name, val in [("Q_BLOCK", 300), ("B_CHUNK", 470), ("GROUP", 3), ("COL_GROUP", 5)]:
+    sizes = [("SYM_ROWS", 300), ("SYM_COLS", 470), ("Q_BLOCK", 256), ("B_CHUNK", 390), ("GROUP", 3), ("COL_GROUP", 5)]
+    for name, val in sizes:
         monkeypatch.setattr(vectors, name, val)
     rng = np.random.default_rng(5)
     vecs = rng.normal(size=(1337, 12)).astype(np.float32)
-    twins = [3, 299, 300, 301, 900, 1336]  # identical vectors across block edges: ties at distance 0
+    twins = [3, 299, 300, 301, 900, 1336]  # identical vectors across tile edges: ties at distance 0
     vecs[twins] = vecs[3]
     k = 5  # = len(twins) - 1: a twin's neighbours are exactly the other twins
     nid, dist = symmetric_self_join(vecs, k, metric)
