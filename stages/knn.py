@@ -6,6 +6,13 @@ through the layer's FAISS index beyond; either way the distances of the neighbou
 recomputed exactly, in the index json's metric. A row the index leaves short of k neighbours
 is redone exactly.
 
+Exact, two paths with the same results (ids up to exact ties, same distances): when one actor
+does every shard of the layer (one node, no partial resume) it runs the symmetric self-join
+(`KnnWorker.self_join`: half the matmul of a brute-force join, each shard written as soon as
+its rows are final, the shards streamed back to the driver); otherwise each shard is its own
+task against the whole base (`KnnWorker.shard`). On the 2-core dev machine the symmetric path
+measured faster than FAISS `IndexFlatL2.search` (benchmarks/RESULTS.md, `## knn`).
+
 Ray: the base vectors are `ray.put` once per layer and handed to one worker actor per node
 (per GPU when there is one), which reads them zero-copy from the object store (and, for ANN,
 reads the index file itself); each actor
@@ -189,6 +196,8 @@ def knn_layer(run_dir: RunDir, cfg, entry: dict, progress) -> dict:
         cls = ray.remote(max_restarts=-1, max_task_retries=-1, **resources)(KnnWorker)
         actors = [cls.remote(run_dir.path, name, ids_ref, base_ref, index_path, metric, k, threads, device)
                   for _ in range(n_actors)]
+        # the self-join computes each pair once for both its sides: only when one actor holds both
+        # sides of every pair, i.e. does every shard; several actors or a partial resume go per shard
         path = "symmetric" if exact and n_actors == 1 and len(todo) == len(shards) else "per-shard"
         if path == "symmetric":
             stream = actors[0].self_join.options(num_returns="streaming").remote(todo, record)

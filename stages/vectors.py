@@ -6,11 +6,15 @@ root, not FAISS's squared L2) = DuckDB `array_distance`; `cosine` = 1 - cosine s
 DuckDB `array_cosine_distance`. Cosine vectors are L2-normalised once, so cosine search is an
 inner-product search.
 
-Exact search is blocked torch matmul rather than FAISS `IndexFlat`: on 2 cores `addmm` +
-`topk` measured ~170 GFLOP/s against ~30-55 for `IndexFlat.search`. For L2 the ranking score
-is ||b||^2 - 2 q.b (||q||^2 is constant per query and `addmm` fuses the bias add); the
-distances of the k neighbours found are then recomputed directly, which is exact where the
-expanded form cancels badly (a vector against itself).
+Exact search is blocked torch matmul + a two-stage top-k (`member_columns`: minima of
+interleaved groups, then only the best groups' members, merged into a running top-k). Two
+forms: `exact_candidates` (a block of queries against the whole base: the per-shard path, any
+queries) and `self_join_candidates` (the base against itself, computing only the upper
+triangle of the symmetric score matrix and feeding each tile to both sides: half the matmul).
+For L2 the ranking score is ||b||^2 - 2 q.b per query block (`addmm` fuses the bias add), and
+||a||^2 + ||b||^2 - 2 a.b in the self-join (both sides rank by it); the distances of the k
+neighbours found are then recomputed directly, which is exact where the expanded form cancels
+badly (a vector against itself). Figures: benchmarks/RESULTS.md, `## knn`.
 """
 from __future__ import annotations
 
