@@ -6,6 +6,13 @@ through the layer's FAISS index beyond; either way the distances of the neighbou
 recomputed exactly, in the index json's metric. A row the index leaves short of k neighbours
 is redone exactly.
 
+Exact, two paths with the same results (ids up to exact ties, same distances): when one actor
+does every shard of the layer (one node, no partial resume) it runs the symmetric self-join
+(`KnnWorker.self_join`: half the matmul of a brute-force join, each shard written as soon as
+its rows are final, the shards streamed back to the driver); otherwise each shard is its own
+task against the whole base (`KnnWorker.shard`). On the 2-core dev machine the symmetric path
+measured faster than FAISS `IndexFlatL2.search` (benchmarks/RESULTS.md, `## knn`).
+
 Ray: the base vectors are `ray.put` once per layer and handed to one worker actor per node
 (per GPU when there is one), which reads them zero-copy from the object store (and, for ANN,
 reads the index file itself); each actor
@@ -85,9 +92,30 @@ class KnnWorker:
             q, qids = np.ascontiguousarray(self.base[a:b]), self.ids[a:b]
             parts.append(self._ann(q, qids) if self.index is not None else self._exact(q, qids))
         nid, dist = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        return self._write(index, lo, nid, dist, record, start)
+
+    def self_join(self, shards: list, record: dict):
+        """Every shard of the layer by the symmetric exact self-join (half the matmul, see
+        `vectors.self_join_candidates`); a shard is written as soon as its rows are final.
+        Yields each shard's stats (a Ray streaming generator: the driver's progress moves)."""
+        from .vectors import self_join_candidates
+
+        n = len(self.ids)
+        nid, dist = np.empty((n, self.k), np.int64), np.empty((n, self.k), np.float32)
+        pending = sorted(shards, key=lambda s: s[1])
+        start = time.perf_counter()
+        for lo, hi, cand in self_join_candidates(self.base_t, self.base_sq, self.k + 1, self.metric):
+            nid[lo:hi], dist[lo:hi] = finish(self.base[lo:hi], self.ids[lo:hi], cand, self.base, self.ids,
+                                             self.k, self.metric)
+            while pending and pending[0][2] <= hi:
+                index, slo, shi = pending.pop(0)
+                yield self._write(index, slo, nid[slo:shi], dist[slo:shi], record, start)
+                start = time.perf_counter()
+
+    def _write(self, index: int, lo: int, nid: np.ndarray, dist: np.ndarray, record: dict, start: float) -> dict:
         m, k = nid.shape
         table = pa.table({"layer": pa.array([self.layer] * (m * k), pa.string()),
-                          "query_id": pa.array(np.repeat(self.ids[lo:hi], k)),
+                          "query_id": pa.array(np.repeat(self.ids[lo:lo + m], k)),
                           "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int32), m)),
                           "neighbor_id": pa.array(nid.ravel()), "distance": pa.array(dist.ravel())}, schema=KNN_SCHEMA)
         write_table_atomic(self.run.p("knn", layer_dir(self.layer), shard_name(index) + ".parquet"), table)
@@ -156,6 +184,7 @@ def knn_layer(run_dir: RunDir, cfg, entry: dict, progress) -> dict:
     for f in run_dir.parquet_files("knn", layer_dir(name))[len(shards):]:
         remove(f)
     t0 = time.perf_counter()
+    path = None  # what computed the shards redone now: symmetric (one actor, all shards) or per-shard
     if todo and k > 0:
         n_actors, resources, threads, device = _workers(cfg, record["method"], len(todo))
         # each actor reads the index file itself (the run directory is shared, as for every stage):
@@ -167,16 +196,23 @@ def knn_layer(run_dir: RunDir, cfg, entry: dict, progress) -> dict:
         cls = ray.remote(max_restarts=-1, max_task_retries=-1, **resources)(KnnWorker)
         actors = [cls.remote(run_dir.path, name, ids_ref, base_ref, index_path, metric, k, threads, device)
                   for _ in range(n_actors)]
-        refs = [actors[j % n_actors].shard.remote(i, lo, hi, record) for j, (i, lo, hi) in enumerate(todo)]
+        # the self-join computes each pair once for both its sides: only when one actor holds both
+        # sides of every pair, i.e. does every shard; several actors or a partial resume go per shard
+        path = "symmetric" if exact and n_actors == 1 and len(todo) == len(shards) else "per-shard"
+        if path == "symmetric":
+            stream = actors[0].self_join.options(num_returns="streaming").remote(todo, record)
+            done = (ray.get(ref) for ref in stream)
+        else:
+            done = [actors[j % n_actors].shard.remote(i, lo, hi, record) for j, (i, lo, hi) in enumerate(todo)]
         try:
-            for _ in progress(refs, f"knn {name}", len(shards) - len(todo), len(shards)):
+            for _ in progress(done, f"knn {name}", len(shards) - len(todo), len(shards)):
                 pass
         finally:
             for a in actors:
                 ray.kill(a)
     stats = [read_json(run_dir.stats_path(stage, i)) for i, _, _ in shards] if k > 0 else []
     out = {**record, "shards": len(shards), "redone": len(todo), "rows": sum(s["rows"] for s in stats),
-           "queries": n, "seconds": round(sum(s["seconds"] for s in stats), 3),
+           "queries": n, "seconds": round(sum(s["seconds"] for s in stats), 3), "path": path,
            "wall_seconds": round(time.perf_counter() - t0, 3)}
     write_json_atomic(summary_path, out)
     return out

@@ -6,11 +6,15 @@ root, not FAISS's squared L2) = DuckDB `array_distance`; `cosine` = 1 - cosine s
 DuckDB `array_cosine_distance`. Cosine vectors are L2-normalised once, so cosine search is an
 inner-product search.
 
-Exact search is blocked torch matmul rather than FAISS `IndexFlat`: on 2 cores `addmm` +
-`topk` measured ~170 GFLOP/s against ~30-55 for `IndexFlat.search`. For L2 the ranking score
-is ||b||^2 - 2 q.b (||q||^2 is constant per query and `addmm` fuses the bias add); the
-distances of the k neighbours found are then recomputed directly, which is exact where the
-expanded form cancels badly (a vector against itself).
+Exact search is blocked torch matmul + a two-stage top-k (`member_columns`: minima of
+interleaved groups, then only the best groups' members, merged into a running top-k). Two
+forms: `exact_candidates` (a block of queries against the whole base: the per-shard path, any
+queries) and `self_join_candidates` (the base against itself, computing only the upper
+triangle of the symmetric score matrix and feeding each tile to both sides: half the matmul).
+For L2 the ranking score is ||b||^2 - 2 q.b per query block (`addmm` fuses the bias add), and
+||a||^2 + ||b||^2 - 2 a.b in the self-join (both sides rank by it); the distances of the k
+neighbours found are then recomputed directly, which is exact where the expanded form cancels
+badly (a vector against itself). Figures: benchmarks/RESULTS.md, `## knn`.
 """
 from __future__ import annotations
 
@@ -25,6 +29,10 @@ from featscope.core.rundir import RunDir, layer_dir, read_table
 DISTANCE_NOTE = {"l2": "Euclidean distance (sqrt of squared L2) = DuckDB array_distance",
                  "cosine": "1 - cosine similarity = DuckDB array_cosine_distance"}
 Q_BLOCK, B_CHUNK = 2048, 16384  # 2048 x 16384 float32 scores = 128 MB; measured flat above ~1024 x 8192
+# the symmetric self-join's tiles: taller than Q_BLOCK because each column's share of the top-k work
+# is the same however many rows it spans (4096 x 16384 measured ~5% faster than 2048 x 16384)
+SYM_ROWS, SYM_COLS = 4096, 16384
+GROUP, COL_GROUP = 16, 16  # scores per group in the first stage of member_columns / member_rows
 
 
 def feature_files(run: RunDir, features: str) -> list[str]:
@@ -113,6 +121,96 @@ def score_buffer(device: str = "cpu"):
     return torch.empty(Q_BLOCK * B_CHUNK, dtype=torch.float32, device=device)
 
 
+def member_columns(s, c: int, group: int, worst=None):
+    """Column indices [m, M] among which each row of s [m, w] has its c smallest scores below
+    `worst` [m] (a row's current c-th best, when it has one), or None when no score beats it.
+
+    `topk` over a whole 16384-wide row costs ~15-20% of the matmul that made it, so the
+    search is two-stage: the minima of `group` interleaved column groups (a vectorised
+    reduction), then only the members of the c groups with the smallest minima (the c
+    smallest scores lie in those groups: a score outside them is beaten by c group minima),
+    plus the last w % group columns that no group covers. All columns when groups are few.
+    """
+    import torch
+
+    m, w = s.shape
+    span = w // group
+    if span < 4 * c:
+        return torch.arange(w, device=s.device).expand(m, -1)
+    mins = s[:, :span * group].unflatten(1, (group, span)).amin(1)
+    c = _groups_needed(mins < worst[:, None], 1, c) if worst is not None else c
+    if c == 0:
+        return None
+    _, grp = mins.topk(c, dim=1, largest=False, sorted=False)
+    return _members(grp, span, group, w)
+
+
+def member_rows(s, c: int, group: int, worst=None):
+    """Row indices [w, M] among which each column of s [h, w] has its c smallest scores below
+    `worst` [w], or None (as `member_columns`).
+
+    `member_columns` of the transpose without copying the tile (a copy costs more than the
+    whole top-k): the group minima reduce over rows, vectorised along the contiguous columns,
+    and only those minima, `group` times smaller than the tile, are transposed.
+    """
+    import torch
+
+    h, w = s.shape
+    span = h // group
+    if span < 4 * c:
+        return torch.arange(h, device=s.device).expand(w, -1)
+    mins = s[:span * group].unflatten(0, (group, span)).amin(0)
+    c = _groups_needed(mins < worst, 0, c) if worst is not None else c
+    if c == 0:
+        return None
+    _, grp = mins.T.contiguous().topk(c, dim=1, largest=False, sorted=False)
+    return _members(grp, span, group, h)
+
+
+def _groups_needed(beats, dim: int, c: int) -> int:
+    """How many groups the second stage must take: once a row's running top-k is full, only
+    groups whose minimum beats its c-th best can change it, and after the first few tiles
+    few do (a group that only ties it is a tie, and ties may go either way)."""
+    return min(c, int(beats.sum(dim).max()))
+
+
+def _members(grp, span: int, group: int, width: int):
+    """Indices of every member of the chosen interleaved groups [m, c], plus the tail past
+    span * group that no group covers: [m, c * group + width - span * group]."""
+    import torch
+
+    idx = (grp.unsqueeze(2) + torch.arange(0, span * group, span, device=grp.device)).flatten(1)
+    if width > span * group:
+        tail = torch.arange(span * group, width, device=grp.device).expand(len(grp), -1)
+        idx = torch.cat([idx, tail], 1)
+    return idx
+
+
+class RunningTopK:
+    """The c best (score, base position) seen so far for each of n rows: [n, c] each."""
+
+    def __init__(self, n: int, c: int, device):
+        import torch
+
+        self.c = c
+        self.scores = torch.full((n, c), float("inf"), device=device)
+        self.pos = torch.full((n, c), -1, dtype=torch.int64, device=device)
+
+    def worst(self, lo: int, hi: int):
+        """The c-th best score of rows lo:hi (inf until c candidates have been seen)."""
+        return self.scores[lo:hi].amax(1)
+
+    def offer(self, lo: int, scores, pos) -> None:
+        """Rows lo.. keep the c best of what they hold and new candidates (scores, positions) [m, M]:
+        one top-k that both selects among a tile's group members and merges."""
+        import torch
+
+        hi = lo + len(scores)
+        v, j = torch.cat([self.scores[lo:hi], scores], 1).topk(self.c, dim=1, largest=False, sorted=False)
+        self.pos[lo:hi] = torch.cat([self.pos[lo:hi], pos], 1).gather(1, j)
+        self.scores[lo:hi] = v
+
+
 def exact_candidates(q, base_t, base_sq, c: int, metric: str, buf=None):
     """Positions [m, c] of the c best base rows for each query row, by blocked matmul + top-k.
 
@@ -122,8 +220,7 @@ def exact_candidates(q, base_t, base_sq, c: int, metric: str, buf=None):
     import torch
 
     n, m = base_t.shape[0], q.shape[0]
-    c = min(c, n)
-    best_s = best_i = None
+    best = RunningTopK(m, min(c, n), q.device)
     with torch.inference_mode():
         for lo in range(0, n, B_CHUNK):
             b = base_t[lo:lo + B_CHUNK]
@@ -132,14 +229,56 @@ def exact_candidates(q, base_t, base_sq, c: int, metric: str, buf=None):
                 s = torch.mm(q, b.T, out=out).neg_()  # largest similarity = smallest score, as for L2
             else:
                 s = torch.addmm(base_sq[lo:lo + B_CHUNK], q, b.T, alpha=-2.0, out=out)
-            v, i = s.topk(min(c, len(b)), dim=1, largest=False, sorted=False)
-            i += lo
-            if best_s is None:
-                best_s, best_i = v, i
-            else:
-                v, j = torch.cat([best_s, v], 1).topk(c, dim=1, largest=False, sorted=False)
-                best_s, best_i = v, torch.gather(torch.cat([best_i, i], 1), 1, j)
-    return best_i.cpu().numpy()
+            cols = member_columns(s, best.c, GROUP, best.worst(0, m))
+            if cols is not None:
+                best.offer(0, s.gather(1, cols), cols + lo)
+    return best.pos.cpu().numpy()
+
+
+def symmetric_scores(base_t, base_sq, lo: int, hi: int, clo: int, chi: int, metric: str, out):
+    """Scores of rows lo:hi against rows clo:chi, symmetric so that both sides rank by them:
+    ||a||^2 + ||b||^2 - 2 a.b for L2 (the bias of both sides), -a.b for cosine."""
+    import torch
+
+    a, b = base_t[lo:hi], base_t[clo:chi]
+    if metric == "cosine":
+        return torch.mm(a, b.T, out=out).neg_()
+    s = torch.addmm(base_sq[clo:chi], a, b.T, alpha=-2.0, out=out)  # the bias add fused in the matmul
+    return s.add_(base_sq[lo:hi, None])
+
+
+def self_join_candidates(base_t, base_sq, c: int, metric: str, rows: int | None = None,
+                         cols: int | None = None):
+    """Exact self-join by the upper triangle of the score matrix: yields (lo, hi, positions
+    [hi - lo, c]) for consecutive row blocks, each row's c best base rows (itself included).
+
+    Scores are symmetric, so tile (rows I, columns J) serves both sides: its rows update
+    block I's running top-k, its columns (transposed) block J's. Only tiles J >= I are
+    computed (half the matmul); row block I's diagonal square updates its rows only (its
+    columns are the same pairs). After row block I, block I has seen every pair: it is
+    final and yielded, so results come out progressively, in order.
+    """
+    import torch
+
+    n = base_t.shape[0]
+    c = min(c, n)
+    rows, cols = rows or SYM_ROWS, cols or SYM_COLS
+    best = RunningTopK(n, c, base_t.device)
+    buf = torch.empty(min(n, rows) * min(n, max(rows, cols)), device=base_t.device)  # once per layer
+    with torch.inference_mode():
+        for lo in range(0, n, rows):
+            hi = min(n, lo + rows)
+            for clo, chi in [(lo, hi)] + [(j, min(n, j + cols)) for j in range(hi, n, cols)]:
+                out = buf[: (hi - lo) * (chi - clo)].view(hi - lo, chi - clo)
+                s = symmetric_scores(base_t, base_sq, lo, hi, clo, chi, metric, out)
+                at = member_columns(s, c, GROUP, best.worst(lo, hi))
+                if at is not None:
+                    best.offer(lo, s.gather(1, at), at + clo)
+                if clo >= hi:  # off the diagonal: the same tile, seen from its columns
+                    at = member_rows(s, c, COL_GROUP, best.worst(clo, chi))
+                    if at is not None:
+                        best.offer(clo, s.T.gather(1, at), at + lo)
+            yield lo, hi, best.pos[lo:hi].cpu().numpy()
 
 
 def exact_search(queries: np.ndarray, base: np.ndarray, ids: np.ndarray, k: int, metric: str,

@@ -1,4 +1,5 @@
-"""kNN graph: exact path against numpy brute force, the knn view, self-exclusion, resume, ANN path."""
+"""kNN graph: exact path against numpy brute force (per-shard and symmetric self-join), the knn view,
+self-exclusion, resume, ANN path."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,8 @@ import pytest
 
 from featscope.core import catalog
 from featscope.core.progress import progress
-from featscope.stages import index, knn
+from featscope.core.rundir import read_json
+from featscope.stages import index, knn, vectors
 from tests.synthetic_runs import brute_force, clustered, config, make_run
 
 
@@ -90,3 +92,85 @@ def test_knn_through_ann_index(ray_session, tmp_path):
     found = np.array([[order[int(i)] for i in row] for row in nid])
     exact = np.linalg.norm(vecs[found].astype(np.float64) - vecs[rows][:, None].astype(np.float64), axis=2)
     np.testing.assert_allclose(dist, exact, rtol=1e-4, atol=1e-4)
+
+
+def symmetric_self_join(vecs, k, metric):
+    """stages.vectors.self_join_candidates + finish over the whole base, as the stage runs them."""
+    import torch
+
+    x = vectors.prepare(vecs, metric)
+    ids = np.arange(len(x), dtype=np.int64)
+    base_t = torch.from_numpy(x)
+    blocks = [vectors.finish(x[lo:hi], ids[lo:hi], cand, x, ids, k, metric)
+              for lo, hi, cand in vectors.self_join_candidates(base_t, (base_t * base_t).sum(1), k + 1, metric)]
+    return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_symmetric_self_join_equals_brute_force_and_per_shard_path(monkeypatch, metric):
+    # small tiles and groups, none dividing N or each other: diagonal squares, partial row blocks and
+    # column chunks, both two-stage top-k paths (with their tails) and the plain top-k fallback
+    sizes = [("SYM_ROWS", 300), ("SYM_COLS", 470), ("Q_BLOCK", 256), ("B_CHUNK", 390), ("GROUP", 3), ("COL_GROUP", 5)]
+    for name, val in sizes:
+        monkeypatch.setattr(vectors, name, val)
+    rng = np.random.default_rng(5)
+    vecs = rng.normal(size=(1337, 12)).astype(np.float32)
+    twins = [3, 299, 300, 301, 900, 1336]  # identical vectors across tile edges: ties at distance 0
+    vecs[twins] = vecs[3]
+    k = 5  # = len(twins) - 1: a twin's neighbours are exactly the other twins
+    nid, dist = symmetric_self_join(vecs, k, metric)
+    pos, want = brute_force(vecs, k, metric)
+    np.testing.assert_allclose(dist, want, rtol=1e-5, atol=1e-5)
+    assert (nid != np.arange(len(vecs))[:, None]).all()
+    for t in twins:
+        assert sorted(nid[t]) == sorted(set(twins) - {t}) and (dist[t] < 1e-3).all()
+    # which twins a row near them gets is an exact tie: compare the others
+    others = ~np.isin(pos, twins).any(1) & ~np.isin(np.arange(len(vecs)), twins)
+    assert (nid[others] == pos[others]).mean() > 0.999  # near-ties aside
+    # the per-shard path (exact_candidates per query block): the same distances, the same ids up to the twins' ties
+    ids = np.arange(len(vecs), dtype=np.int64)
+    x = vectors.prepare(vecs, metric)
+    ref_n, ref_d = vectors.exact_search(x, x, ids, k, metric, query_ids=ids)
+    np.testing.assert_array_equal(dist, ref_d)
+    np.testing.assert_array_equal(nid[others], ref_n[others])
+
+
+def test_symmetric_self_join_of_a_tiny_base():
+    # k = N - 1, as the stage clamps it: every row's neighbours are all the others
+    nid, dist = symmetric_self_join(np.random.default_rng(6).normal(size=(4, 3)).astype(np.float32), 3, "l2")
+    assert [sorted(r) for r in nid.tolist()] == [[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]]
+    assert np.isfinite(dist).all() and (np.diff(dist, axis=1) >= 0).all()
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_stage_symmetric_path_and_partial_resume_agree(ray_session, tmp_path, metric):
+    # N > Q_BLOCK and not a multiple of it: three row blocks, shards that straddle them
+    rng = np.random.default_rng(7)
+    vecs = rng.normal(size=(4500, 16)).astype(np.float32)
+    vecs[[10, 2100, 4499]] = vecs[10]
+    run, ids = make_run(tmp_path / "run", vecs, metrics=(metric,))
+    name = "emb" if metric == "l2" else "emb:cosine"
+    cfg = config(k=6, shard_size=1000)
+    knn.run(run, cfg, progress)
+    layer_stats = read_json(run.p("stats", "knn", name.replace(":", "@") + ".json"))
+    assert layer_stats["path"] == "symmetric" and layer_stats["redone"] == 5
+    first = knn_table(run, name)
+    nid, dist, qid = as_matrix(first, 6)
+    order = {int(i): p for p, i in enumerate(ids)}
+    rows = np.array([order[int(q)] for q in qid])
+    pos, want = brute_force(vecs, 6, metric)
+    np.testing.assert_allclose(dist, want[rows], rtol=1e-4, atol=1e-4)
+    assert (nid == ids[pos[rows]]).mean() > 0.999
+    assert (nid != qid[:, None]).all()
+    # some shards missing: the per-shard path redoes them, and they come out the same
+    stats = tmp_path / "run" / "stats" / "knn" / name.replace(":", "@")
+    for i in (1, 4):
+        (stats / f"part-0000{i}.json").unlink()
+    (tmp_path / "run" / "knn" / name.replace(":", "@") / "part-00001.parquet").unlink()
+    res = knn.run(run, cfg, progress)
+    assert res["redone"] == 2
+    layer_stats = read_json(run.p("stats", "knn", name.replace(":", "@") + ".json"))
+    assert layer_stats["path"] == "per-shard"
+    again = knn_table(run, name)
+    for col in ("query_id", "rank", "neighbor_id", "distance"):
+        np.testing.assert_array_equal(again[col].to_numpy(), first[col].to_numpy())
