@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -28,6 +29,9 @@ import time
 import numpy as np
 import psutil
 import pyarrow as pa
+
+# this checkout's featscope in the driver, as the other benchmarks do (PYTHONPATH=. for its Ray workers too)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def write_features(run_path: str, vecs: np.ndarray, rows_per_file: int = 65536) -> None:
