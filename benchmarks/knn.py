@@ -11,8 +11,11 @@
    uniform noise has no neighbourhoods to find), recall@10 of the kNN graph against exact
    search on 1,000 sampled queries, and the peak memory (PSS summed over the driver and every
    Ray process, sampled every 0.2 s).
+3. Memory against N (`knn_rss_ratio_2m_200k`): the index + kNN stages' peak memory (as in 2)
+   minus the index file's size, at 2,000,000 over 200,000 vectors of --ann-dim, ANN path.
 
     python benchmarks/knn.py [--n 100000] [--dim 512] [--ann-n 1000000] [--ann-dim 128] [--cpus 2]
+                             [--parts exact,ann,rss] [--rss-small 200000] [--rss-large 2000000]
 
 The last line printed is one JSON object with the figures.
 """
@@ -183,6 +186,40 @@ def ann_part(a, tmp: str, k: int, out: dict) -> None:
                 "ann_rows": kres["rows"], "index_redone": ires["redone"]})
 
 
+def rss_part(a, tmp: str, k: int, out: dict) -> None:
+    """knn_rss_ratio_2m_200k: the peak memory of the index + kNN stages (PSS summed over the driver
+    and every Ray process) minus the index file's size, at --rss-large over --rss-small vectors of
+    --ann-dim (ANN path forced): how much more than the index itself the stages hold as N grows."""
+    import gc
+    import shutil
+
+    from featscope.core.config import build_config
+    from featscope.core.progress import progress
+    from featscope.core.rundir import RunDir
+    from featscope.stages import index, knn
+
+    net = {}
+    for n in (a.rss_small, a.rss_large):
+        path = os.path.join(tmp, f"rss-{n}")
+        vecs = clustered(n, a.ann_dim, seed=2)
+        write_features(path, vecs)
+        del vecs
+        gc.collect()  # the driver's copy is not the stages' memory
+        run = RunDir(path)
+        cfg = build_config(None, None, [f"k={k}", "shard_size=65536", "exact_knn_max=0", "index_recall=0.9"])
+        with PeakMemory() as mem:
+            index.run(run, cfg, progress)
+            knn.run(run, cfg, progress)
+        size = os.path.getsize(run.p("index", "emb.faiss"))
+        net[n] = mem.peak - size
+        out[f"rss_{n}"] = {"peak_gb": round(mem.peak / 2**30, 3), "index_file_gb": round(size / 2**30, 3),
+                           "net_gb": round(net[n] / 2**30, 3),
+                           "factory": json.load(open(run.p("index", "emb.json")))["factory"]}
+        shutil.rmtree(path, ignore_errors=True)
+    out.update({"rss_small_n": a.rss_small, "rss_large_n": a.rss_large,
+                "knn_rss_ratio_2m_200k": round(net[a.rss_large] / net[a.rss_small], 3)})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=100_000)
@@ -191,7 +228,9 @@ def main() -> None:
     ap.add_argument("--ann-dim", type=int, default=128)
     ap.add_argument("--faiss-queries", type=int, default=10_000)
     ap.add_argument("--cpus", type=int, default=2)
-    ap.add_argument("--parts", default="exact,ann", help="comma-separated: exact, ann")
+    ap.add_argument("--rss-small", type=int, default=200_000)
+    ap.add_argument("--rss-large", type=int, default=2_000_000)
+    ap.add_argument("--parts", default="exact,ann,rss", help="comma-separated: exact, ann, rss")
     a = ap.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
     from featscope.core.progress import set_quiet
@@ -206,6 +245,9 @@ def main() -> None:
             print(json.dumps(out), flush=True)
         if "ann" in a.parts:
             ann_part(a, tmp, k, out)
+            print(json.dumps(out), flush=True)
+        if "rss" in a.parts:
+            rss_part(a, tmp, k, out)
     out["load_avg_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(out))
 

@@ -73,3 +73,19 @@ def test_explain_benchmark_runs_at_a_small_size(tmp_path):
     assert {"quantus_s", "featscope_marginal_s", "vs_quantus_marginal", "vs_quantus_whole"} <= set(out)
     assert out["quantus_images"] == 48
     assert max(out["max_rel_diff_vs_quantus"].values()) < 2e-3  # float16 storage
+
+
+def test_knn_memory_part_runs_at_a_small_size():
+    """benchmarks/knn.py --parts rss: the knn_rss_ratio_2m_200k figure, at sizes a test affords."""
+    done = subprocess.run([sys.executable, "benchmarks/knn.py", "--parts", "rss", "--rss-small", "3000",
+                           "--rss-large", "12000", "--ann-dim", "16"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (out["rss_small_n"], out["rss_large_n"]) == (3000, 12000)
+    for n in (3000, 12000):
+        figures = out[f"rss_{n}"]
+        assert figures["net_gb"] == pytest.approx(figures["peak_gb"] - figures["index_file_gb"], abs=2e-3)
+        assert figures["peak_gb"] > 0.1  # the driver and the Ray processes were sampled
+    assert out["knn_rss_ratio_2m_200k"] == pytest.approx(out["rss_12000"]["net_gb"] / out["rss_3000"]["net_gb"],
+                                                         rel=1e-2)
