@@ -49,19 +49,31 @@ def vec_matrix(t) -> np.ndarray:
 
 
 def load_base(run: RunDir, features: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """(image_id int64 [N], vectors float32 [N, d]) of the `orig` views, in shard order."""
-    ids, vecs = [], []
-    for f in feature_files(run, features):
+    """(image_id int64 [N], vectors float32 [N, d]) of the `orig` views, in shard order.
+
+    Filled in place into one array sized by a first pass over the `view` column: concatenating
+    per-file arrays held the base twice at its peak (benchmarks/RESULTS.md, knn memory)."""
+    files = feature_files(run, features)
+    counts = [int(pc.sum(pc.equal(read_table(f, columns=["view"]).column("view"), "orig")).as_py() or 0)
+              for f in files]
+    n = sum(counts)
+    if n == 0:
+        raise UserError(f"layer '{features}' has no vectors with view 'orig' in {run.root}")
+    ids, base, pos = np.empty(n, np.int64), None, 0
+    for f, count in zip(files, counts):
+        if count == 0:
+            continue
         t = read_table(f, columns=["image_id", "view", "vec"])
         t = t.filter(pc.equal(t.column("view"), "orig"))
-        if t.num_rows == 0:
-            continue
-        vecs.append(vec_matrix(t))
-        ids.append(t.column("image_id").to_numpy())
-    if not ids:
-        raise UserError(f"layer '{features}' has no vectors with view 'orig' in {run.root}")
-    base = np.ascontiguousarray(np.concatenate(vecs), dtype=np.float32)
-    return np.concatenate(ids).astype(np.int64), prepare(base, metric)
+        vecs = vec_matrix(t)
+        if base is None:
+            base = np.empty((n, vecs.shape[1]), np.float32)
+        base[pos:pos + count] = vecs
+        ids[pos:pos + count] = t.column("image_id").to_numpy()
+        pos += count
+    if metric == "cosine":  # as prepare(), in place (the array is ours; einsum: no N x d temporary)
+        base /= np.maximum(np.sqrt(np.einsum("ij,ij->i", base, base)), 1e-12)[:, None]
+    return ids, base
 
 
 def prepare(x: np.ndarray, metric: str) -> np.ndarray:
