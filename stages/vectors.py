@@ -71,8 +71,10 @@ def load_base(run: RunDir, features: str, metric: str) -> tuple[np.ndarray, np.n
         base[pos:pos + count] = vecs
         ids[pos:pos + count] = t.column("image_id").to_numpy()
         pos += count
-    if metric == "cosine":  # as prepare(), in place (the array is ours; einsum: no N x d temporary)
-        base /= np.maximum(np.sqrt(np.einsum("ij,ij->i", base, base)), 1e-12)[:, None]
+    if metric == "cosine":  # prepare()'s arithmetic exactly (twins compare against it), in place, in blocks
+        for lo in range(0, n, 65536):  # np.linalg.norm's x * x temporary: a block, not the base
+            block = base[lo:lo + 65536]
+            block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
     return ids, base
 
 
