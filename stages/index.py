@@ -26,7 +26,8 @@ import numpy as np
 from featscope.core.config import UserError
 from featscope.core.rundir import exists, getsize, layer_dir, read_json, RunDir, write_file_atomic, write_json_atomic
 
-from .vectors import DISTANCE_NOTE, base_signature, exact_search, load_base
+from .basefile import BaseFile
+from .vectors import DISTANCE_NOTE, base_signature, exact_search
 
 EVAL_QUERIES = 1000
 HNSW_BELOW = 39 * 256  # fewer points than this cannot train 256 IVF lists (FAISS wants 39 per list)
@@ -96,9 +97,16 @@ def recall_at_k(index, queries, qids, truth, k: int) -> float:
     return hits / max(1, truth.size)
 
 
-def build(base: np.ndarray, ids: np.ndarray, factory: str, metric: str, k: int, target: float, seed: int):
-    """Train on a sample, add everything under image ids, tune the search parameter on held-out vectors."""
+def build(base: np.ndarray, ids: np.ndarray, factory: str, metric: str, k: int, target: float, seed: int,
+          release=None):
+    """Train on a sample, add everything under image ids, tune the search parameter on held-out vectors.
+
+    base may be memory-mapped (`basefile.BaseFile.rows`): it is read in blocks, and `release`
+    drops the pages read after each, so the index is the only N-sized thing held.
+    """
     import faiss
+
+    release = release or (lambda: None)
 
     n, d = base.shape
     index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2)
@@ -121,12 +129,16 @@ def build(base: np.ndarray, ids: np.ndarray, factory: str, metric: str, k: int, 
         except Exception:  # HNSW and some quantisers have no GPU version
             work = index
     if n_train:
-        work.train(base[np.sort(order[:n_train])])
+        sample = base[np.sort(order[:n_train])]  # a copy: the map's pages can go
+        release()
+        work.train(sample)
+        del sample
     for lo in range(0, n, 65536):
         work.add_with_ids(base[lo:lo + 65536], ids[lo:lo + 65536])
+        release()
     kk = min(k, n - 1)
     queries, qids = base[held], ids[held]
-    truth, _ = exact_search(queries, base, ids, kk, metric, query_ids=qids, device=device)
+    truth, _ = exact_search(queries, base, ids, kk, metric, query_ids=qids, device=device, release=release)
     name, values = _search_param(work, factory)
     ps = faiss.GpuParameterSpace() if device == "cuda" else faiss.ParameterSpace()
     for value in values:
@@ -161,15 +173,19 @@ def run(run_dir: RunDir, cfg, progress) -> dict:
             rows, recalls = rows + old["n"], recalls + [old["recall_at_k"]]
             continue
         t0 = time.perf_counter()
-        ids, base = load_base(run_dir, entry["features"], metric)
-        factory = choose_factory(len(ids), base.shape[1], cfg)
+        # streamed from a scratch file: the base is never held in RAM beside the index it fills
+        base = BaseFile.write(run_dir, entry["features"], metric)
+        ids, dim = base.ids, base.rows.shape[1]
+        factory = choose_factory(len(ids), dim, cfg)
         try:
-            index, info = build(base, ids, factory, metric, cfg.k, cfg.index_recall, cfg.seed)
+            index, info = build(base.rows, ids, factory, metric, cfg.k, cfg.index_recall, cfg.seed, base.release)
         except RuntimeError as exc:  # FAISS rejects a factory string or a training set
             raise UserError(f"index for layer '{name}' ({factory}): {str(exc).strip().splitlines()[-1]}") from None
+        finally:
+            base.close()
         write_file_atomic(path + ".faiss", lambda tmp: faiss.write_index(index, tmp))
         info.update({"layer": name, "features": entry["features"], "metric": metric, "distance": DISTANCE_NOTE[metric],
-                     "factory": factory, "n": len(ids), "dim": int(base.shape[1]), "base": sig, "request": request,
+                     "factory": factory, "n": len(ids), "dim": int(dim), "base": sig, "request": request,
                      "bytes": getsize(path + ".faiss"), "seconds": round(time.perf_counter() - t0, 3)})
         write_json_atomic(path + ".json", info)  # last: its presence marks the index complete
         if info["recall_at_k"] < cfg.index_recall:

@@ -13,9 +13,12 @@ its rows are final, the shards streamed back to the driver); otherwise each shar
 task against the whole base (`KnnWorker.shard`). On the 2-core dev machine the symmetric path
 measured faster than FAISS `IndexFlatL2.search` (benchmarks/RESULTS.md, `## knn`).
 
-Ray: the base vectors are `ray.put` once per layer and handed to one worker actor per node
-(per GPU when there is one), which reads them zero-copy from the object store (and, for ANN,
-reads the index file itself); each actor
+Ray: one worker actor per node (per GPU when there is one). Exact: the base vectors are
+`ray.put` once per layer and each actor reads them zero-copy from the object store (the join
+reads the whole base for every query block). ANN: each actor reads the index file and writes
+its own scratch copy of the base from the run directory (`basefile.BaseFile`), read through a
+memory map whose pages are dropped after each query block, so memory does not grow with N
+beyond the index itself (benchmarks/RESULTS.md, `## knn`). Each actor
 owns all its node's cores (one process running torch on 2 threads measured the same as two
 single-threaded ones, and holds one copy of an ANN index instead of two). The unit of work and
 of resume is a block of `shard_size` consecutive queries; its stats file
@@ -34,7 +37,9 @@ import pyarrow as pa
 from featscope.core.config import UserError
 from featscope.core.rundir import layer_dir, local_file, read_json, remove, RunDir, shard_name, write_json_atomic, write_table_atomic
 
-from .vectors import base_signature, exact_candidates, finish, load_base, score_buffer
+from .basefile import BaseFile
+from .vectors import (base_signature, count_orig, exact_candidates, feature_files, finish, load_base, score_buffer,
+                      squared_norms)
 
 KNN_SCHEMA = pa.schema([("layer", pa.string()), ("query_id", pa.int64()), ("rank", pa.int32()),
                         ("neighbor_id", pa.int64()), ("distance", pa.float32())])
@@ -43,17 +48,22 @@ KNN_SCHEMA = pa.schema([("layer", pa.string()), ("query_id", pa.int64()), ("rank
 class KnnWorker:
     """Holds one layer's base (zero-copy from the object store) and, for ANN, its index."""
 
-    def __init__(self, run_path: str, layer: str, ids: np.ndarray, base: np.ndarray, index_path: str | None,
-                 metric: str, k: int, threads: int, device: str):
+    def __init__(self, run_path: str, layer: str, ids: np.ndarray | None, base: np.ndarray | None,
+                 index_path: str | None, metric: str, k: int, threads: int, device: str, features: str | None = None):
         import torch
 
         torch.set_num_threads(threads)
         self.run, self.layer, self.metric, self.k, self.device = RunDir(run_path), layer, metric, k, device
+        self.release = lambda: None
+        if base is None:  # ANN: the base streamed from this process's own scratch copy (basefile.py)
+            scratch = BaseFile.write(self.run, features, metric)
+            ids, base, self.release = scratch.ids, scratch.rows, scratch.release
         self.ids, self.base = ids, base
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the store's arrays are read-only; torch only reads them
             self.base_t = torch.from_numpy(base).to(device)
-        self.base_sq = (self.base_t * self.base_t).sum(1) if metric == "l2" else None
+        # ||b||^2 for the exact search; on the ANN path only when a short row needs it (_exact)
+        self.base_sq = squared_norms(self.base_t) if metric == "l2" and index_path is None else None
         self.buf = score_buffer(device)
         self.index = None
         if index_path is not None:
@@ -68,15 +78,20 @@ class KnnWorker:
     def _exact(self, q: np.ndarray, qids: np.ndarray):
         import torch
 
+        if self.metric == "l2" and self.base_sq is None:
+            self.base_sq = squared_norms(self.base_t, self.release)
         cand = exact_candidates(torch.from_numpy(q).to(self.device), self.base_t, self.base_sq, self.k + 1,
-                                self.metric, self.buf)
-        return finish(q, qids, cand, self.base, self.ids, self.k, self.metric)
+                                self.metric, self.buf, self.release)
+        out = finish(q, qids, cand, self.base, self.ids, self.k, self.metric)
+        self.release()
+        return out
 
     def _ann(self, q: np.ndarray, qids: np.ndarray):
         _, found = self.index.search(q, self.k + 1)
         pos = self.order[np.clip(np.searchsorted(self.sorted_ids, found), 0, len(self.ids) - 1)]
         pos = np.where((found >= 0) & (self.ids[pos] == found), pos, -1)
         nid, dist = finish(q, qids, pos, self.base, self.ids, self.k, self.metric)
+        self.release()  # the candidates' rows read through the map
         short = ~np.isfinite(dist).all(axis=1)
         if short.any():
             nid[short], dist[short] = self._exact(q[short], qids[short])
@@ -89,7 +104,7 @@ class KnnWorker:
         parts = []
         for a in range(lo, hi, Q_BLOCK):
             b = min(hi, a + Q_BLOCK)
-            q, qids = np.ascontiguousarray(self.base[a:b]), self.ids[a:b]
+            q, qids = np.array(self.base[a:b]), self.ids[a:b]  # a copy: the map's pages are dropped per block
             parts.append(self._ann(q, qids) if self.index is not None else self._exact(q, qids))
         nid, dist = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         return self._write(index, lo, nid, dist, record, start)
@@ -175,8 +190,9 @@ def knn_layer(run_dir: RunDir, cfg, entry: dict, progress) -> dict:
         record, shards = _plan(cfg, name, old["queries"], sig, info)
         if all(current(record, i) for i, _, _ in shards):
             return {**old, "redone": 0}
-    ids, base = load_base(run_dir, entry["features"], metric)
-    n = len(ids)
+    n = sum(count_orig(feature_files(run_dir, entry["features"])))
+    if n == 0:
+        raise UserError(f"layer '{entry['features']}' has no vectors with view 'orig' in {run_dir.root}")
     record, shards = _plan(cfg, name, n, sig, info)
     k, exact = record["k"], record["method"] == "exact"
     todo = [s for s in shards if not current(record, s[0])]
@@ -190,12 +206,16 @@ def knn_layer(run_dir: RunDir, cfg, entry: dict, progress) -> dict:
         # each actor reads the index file itself (the run directory is shared, as for every stage):
         # no serialised copy in the driver or the object store
         index_path = None if exact else run_dir.p("index", layer_dir(name) + ".faiss")
-        ids_ref, base_ref = ray.put(ids), ray.put(base)  # once; every actor maps the same memory
-        del base
+        if exact:  # the exact join reads the whole base per query block: in RAM, put once, mapped by every actor
+            ids, base = load_base(run_dir, entry["features"], metric)
+            ids_ref, base_ref = ray.put(ids), ray.put(base)
+            del ids, base
+        else:  # ANN: each actor streams its own scratch copy (N x d never held beside the index)
+            ids_ref = base_ref = None
         # a worker killed mid-shard is restarted and the shard retried; shard writes are idempotent
         cls = ray.remote(max_restarts=-1, max_task_retries=-1, **resources)(KnnWorker)
-        actors = [cls.remote(run_dir.path, name, ids_ref, base_ref, index_path, metric, k, threads, device)
-                  for _ in range(n_actors)]
+        actors = [cls.remote(run_dir.path, name, ids_ref, base_ref, index_path, metric, k, threads, device,
+                             entry["features"]) for _ in range(n_actors)]
         # the self-join computes each pair once for both its sides: only when one actor holds both
         # sides of every pair, i.e. does every shard; several actors or a partial resume go per shard
         path = "symmetric" if exact and n_actors == 1 and len(todo) == len(shards) else "per-shard"

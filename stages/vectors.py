@@ -48,14 +48,19 @@ def vec_matrix(t) -> np.ndarray:
     return col.flatten().to_numpy(zero_copy_only=False).reshape(t.num_rows, col.type.list_size)
 
 
+def count_orig(files: list[str]) -> list[int]:
+    """Rows with view 'orig' per features file (reads the `view` column only)."""
+    return [int(pc.sum(pc.equal(read_table(f, columns=["view"]).column("view"), "orig")).as_py() or 0)
+            for f in files]
+
+
 def load_base(run: RunDir, features: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """(image_id int64 [N], vectors float32 [N, d]) of the `orig` views, in shard order.
 
     Filled in place into one array sized by a first pass over the `view` column: concatenating
     per-file arrays held the base twice at its peak (benchmarks/RESULTS.md, knn memory)."""
     files = feature_files(run, features)
-    counts = [int(pc.sum(pc.equal(read_table(f, columns=["view"]).column("view"), "orig")).as_py() or 0)
-              for f in files]
+    counts = count_orig(files)
     n = sum(counts)
     if n == 0:
         raise UserError(f"layer '{features}' has no vectors with view 'orig' in {run.root}")
@@ -225,11 +230,25 @@ class RunningTopK:
         self.scores[lo:hi] = v
 
 
-def exact_candidates(q, base_t, base_sq, c: int, metric: str, buf=None):
+def squared_norms(base_t, release=None):
+    """||b||^2 [N] in blocks (b * b of the whole base would be a second N x d array)."""
+    import torch
+
+    out = torch.empty(len(base_t), dtype=base_t.dtype, device=base_t.device)
+    for lo in range(0, len(base_t), B_CHUNK):
+        b = base_t[lo:lo + B_CHUNK]
+        torch.sum(b * b, dim=1, out=out[lo:lo + B_CHUNK])  # row by row what (base * base).sum(1) gives
+        if release is not None:
+            release()
+    return out
+
+
+def exact_candidates(q, base_t, base_sq, c: int, metric: str, buf=None, release=None):
     """Positions [m, c] of the c best base rows for each query row, by blocked matmul + top-k.
 
     q, base_t: torch tensors on the same device ([m <= Q_BLOCK, d] and [N, d]); base_sq:
-    ||b||^2 [N] (L2 only); buf: a `score_buffer()` to write the scores into.
+    ||b||^2 [N] (L2 only); buf: a `score_buffer()` to write the scores into; release: called
+    after each base chunk (a memory-mapped base drops the pages it read, `basefile.BaseFile`).
     """
     import torch
 
@@ -246,6 +265,8 @@ def exact_candidates(q, base_t, base_sq, c: int, metric: str, buf=None):
             cols = member_columns(s, best.c, GROUP, best.worst(0, m))
             if cols is not None:
                 best.offer(0, s.gather(1, cols), cols + lo)
+            if release is not None:
+                release()
     return best.pos.cpu().numpy()
 
 
@@ -296,20 +317,24 @@ def self_join_candidates(base_t, base_sq, c: int, metric: str, rows: int | None 
 
 
 def exact_search(queries: np.ndarray, base: np.ndarray, ids: np.ndarray, k: int, metric: str,
-                 query_ids: np.ndarray | None = None, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest base rows of each query (its own id excluded when query_ids is given)."""
+                 query_ids: np.ndarray | None = None, device: str = "cpu",
+                 release=None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest base rows of each query (its own id excluded when query_ids is given).
+    release: as in `exact_candidates` (base memory-mapped)."""
     import torch
 
     base_t = torch.from_numpy(base).to(device)
-    base_sq = (base_t * base_t).sum(1)
+    base_sq = squared_norms(base_t, release)
     buf = score_buffer(device)
     extra = 1 if query_ids is not None else 0
     k = min(k, len(base) - extra)
     out_n, out_d = [], []
     for lo in range(0, len(queries), Q_BLOCK):
         q = queries[lo:lo + Q_BLOCK]
-        cand = exact_candidates(torch.from_numpy(q).to(device), base_t, base_sq, k + extra, metric, buf)
+        cand = exact_candidates(torch.from_numpy(q).to(device), base_t, base_sq, k + extra, metric, buf, release)
         n, d = finish(q, None if query_ids is None else query_ids[lo:lo + Q_BLOCK], cand, base, ids, k, metric)
+        if release is not None:
+            release()
         out_n.append(n)
         out_d.append(d)
     return np.concatenate(out_n), np.concatenate(out_d)

@@ -1,0 +1,85 @@
+"""A layer's base set as a local scratch file, read through a memory map: the index and kNN
+stages' ANN path streams N x d vectors instead of holding them in RAM beside the index.
+
+`BaseFile.write` copies the `orig` vectors of a layer's Parquet shards (one shard in memory at a
+time, cosine rows normalised as `vectors.load_base` does) into a float32 file under the
+machine's temp dir (`TMPDIR`), maps it privately and unlinks it at once: the mapping stays
+valid, and the file's disk space is freed when the process ends, however it ends (a killed Ray
+actor leaves nothing behind). Each process that needs the base makes its own copy from the run
+directory, so a worker on another node never depends on the driver's disk.
+
+Pages read through a map count in the process's resident memory until they are dropped, so the
+readers call `release()` after each block (`madvise(MADV_DONTNEED)`: the pages leave the
+process, the kernel keeps them in its page cache while memory allows). Measured in
+benchmarks/RESULTS.md, `## knn`, memory against N.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+
+import numpy as np
+import pyarrow.compute as pc
+
+from featscope.core.config import UserError
+from featscope.core.rundir import RunDir, read_table
+
+from .vectors import feature_files, vec_matrix
+
+
+class BaseFile:
+    """(ids [N] int64 in RAM, rows [N, d] float32 through a private read-only-in-use map)."""
+
+    def __init__(self, ids: np.ndarray, rows: np.ndarray, mm: mmap.mmap | None):
+        self.ids, self.rows, self._mm = ids, rows, mm
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def write(cls, run: RunDir, features: str, metric: str, scratch_dir: str | None = None) -> "BaseFile":
+        files = feature_files(run, features)
+        scratch_dir = scratch_dir or tempfile.gettempdir()
+        ids, dim, n, fd = [], None, 0, None
+        try:
+            fd, path = tempfile.mkstemp(prefix="featscope-base-", suffix=".f32", dir=scratch_dir)
+            os.unlink(path)  # nothing to clean up later: the space goes with the last descriptor
+            with os.fdopen(fd, "wb", closefd=False) as out:
+                for f in files:
+                    t = read_table(f, columns=["image_id", "view", "vec"])
+                    t = t.filter(pc.equal(t.column("view"), "orig"))
+                    if t.num_rows == 0:
+                        continue
+                    vecs = np.ascontiguousarray(vec_matrix(t), dtype=np.float32)
+                    if metric == "cosine":  # vectors.load_base's arithmetic, row by row the same
+                        vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+                    dim = vecs.shape[1]
+                    out.write(memoryview(vecs).cast("B"))
+                    ids.append(t.column("image_id").to_numpy())
+                    n += len(vecs)
+            if n == 0:
+                raise UserError(f"layer '{features}' has no vectors with view 'orig' in {run.root}")
+            mm = mmap.mmap(fd, n * dim * 4, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            raise UserError(f"cannot write the scratch copy of layer '{features}' ({n} vectors so far) in "
+                            f"{scratch_dir}: {exc.strerror or exc}; point TMPDIR at a disk with room") from None
+        finally:
+            if fd is not None:
+                os.close(fd)  # the map keeps the file alive
+        rows = np.frombuffer(mm, dtype=np.float32).reshape(n, dim)
+        return cls(np.concatenate(ids).astype(np.int64, copy=False), rows, mm)
+
+    def release(self) -> None:
+        """Drop the pages read so far from this process's memory (they stay in the file)."""
+        if self._mm is not None:
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
+    def close(self) -> None:
+        self.rows = None
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # a view still exported (a caller keeps rows); freed with it
+                pass
+            self._mm = None
