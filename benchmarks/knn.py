@@ -84,18 +84,23 @@ class PeakMemory:
 
     def __init__(self):
         self.peak, self._stop = 0, threading.Event()
+        self.at_peak: dict = {}  # process name -> its PSS in the sample of the peak (where the memory is)
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
+            total, each = 0, {}
             for p in [me] + me.children(recursive=True):
                 try:
-                    total += p.memory_full_info().pss
+                    pss = p.memory_full_info().pss
+                    name = "driver" if p.pid == me.pid else p.name()
+                    total += pss
+                    each[name] = each.get(name, 0) + pss
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
-            self.peak = max(self.peak, total)
+            if total > self.peak:
+                self.peak, self.at_peak = total, each
             time.sleep(0.2)
 
     def __enter__(self):
@@ -209,11 +214,17 @@ def rss_part(a, tmp: str, k: int, out: dict) -> None:
         cfg = build_config(None, None, [f"k={k}", "shard_size=65536", "exact_knn_max=0", "index_recall=0.9"])
         with PeakMemory() as mem:
             index.run(run, cfg, progress)
+            index_peak, index_at, mem.peak = mem.peak, mem.at_peak, 0  # each stage's own peak: where it goes
             knn.run(run, cfg, progress)
+            knn_peak, knn_at = mem.peak, mem.at_peak
+        peak = max(index_peak, knn_peak)
         size = os.path.getsize(run.p("index", "emb.faiss"))
-        net[n] = mem.peak - size
-        out[f"rss_{n}"] = {"peak_gb": round(mem.peak / 2**30, 3), "index_file_gb": round(size / 2**30, 3),
+        net[n] = peak - size
+        out[f"rss_{n}"] = {"peak_gb": round(peak / 2**30, 3), "index_stage_peak_gb": round(index_peak / 2**30, 3),
+                           "knn_stage_peak_gb": round(knn_peak / 2**30, 3), "index_file_gb": round(size / 2**30, 3),
                            "net_gb": round(net[n] / 2**30, 3),
+                           "index_stage_gb_by_process": {k: round(v / 2**30, 3) for k, v in index_at.items() if v > 2**25},
+                           "knn_stage_gb_by_process": {k: round(v / 2**30, 3) for k, v in knn_at.items() if v > 2**25},
                            "factory": json.load(open(run.p("index", "emb.json")))["factory"]}
         shutil.rmtree(path, ignore_errors=True)
     out.update({"rss_small_n": a.rss_small, "rss_large_n": a.rss_large,

@@ -26,7 +26,7 @@ import numpy as np
 from featscope.core.config import UserError
 from featscope.core.rundir import exists, getsize, layer_dir, read_json, RunDir, write_file_atomic, write_json_atomic
 
-from .basefile import BaseFile
+from .basefile import BaseFile, return_freed_memory
 from .vectors import DISTANCE_NOTE, base_signature, exact_search
 
 EVAL_QUERIES = 1000
@@ -98,11 +98,12 @@ def recall_at_k(index, queries, qids, truth, k: int) -> float:
 
 
 def build(base: np.ndarray, ids: np.ndarray, factory: str, metric: str, k: int, target: float, seed: int,
-          release=None):
+          release=None, gather=None):
     """Train on a sample, add everything under image ids, tune the search parameter on held-out vectors.
 
-    base may be memory-mapped (`basefile.BaseFile.rows`): it is read in blocks, and `release`
-    drops the pages read after each, so the index is the only N-sized thing held.
+    base may be memory-mapped (`basefile.BaseFile.rows`): it is read in blocks, `release` drops
+    the pages read after each and `gather` reads random rows, so the index is the only N-sized
+    thing held.
     """
     import faiss
 
@@ -138,7 +139,8 @@ def build(base: np.ndarray, ids: np.ndarray, factory: str, metric: str, k: int, 
         release()
     kk = min(k, n - 1)
     queries, qids = base[held], ids[held]
-    truth, _ = exact_search(queries, base, ids, kk, metric, query_ids=qids, device=device, release=release)
+    truth, _ = exact_search(queries, base, ids, kk, metric, query_ids=qids, device=device, release=release,
+                            gather=gather)
     name, values = _search_param(work, factory)
     ps = faiss.GpuParameterSpace() if device == "cuda" else faiss.ParameterSpace()
     for value in values:
@@ -178,16 +180,20 @@ def run(run_dir: RunDir, cfg, progress) -> dict:
         ids, dim = base.ids, base.rows.shape[1]
         factory = choose_factory(len(ids), dim, cfg)
         try:
-            index, info = build(base.rows, ids, factory, metric, cfg.k, cfg.index_recall, cfg.seed, base.release)
+            index, info = build(base.rows, ids, factory, metric, cfg.k, cfg.index_recall, cfg.seed, base.release,
+                                base.gather)
         except RuntimeError as exc:  # FAISS rejects a factory string or a training set
             raise UserError(f"index for layer '{name}' ({factory}): {str(exc).strip().splitlines()[-1]}") from None
         finally:
             base.close()
+            del base
         write_file_atomic(path + ".faiss", lambda tmp: faiss.write_index(index, tmp))
         info.update({"layer": name, "features": entry["features"], "metric": metric, "distance": DISTANCE_NOTE[metric],
                      "factory": factory, "n": len(ids), "dim": int(dim), "base": sig, "request": request,
                      "bytes": getsize(path + ".faiss"), "seconds": round(time.perf_counter() - t0, 3)})
         write_json_atomic(path + ".json", info)  # last: its presence marks the index complete
+        del index
+        return_freed_memory()  # the index's heap, before the next index or the kNN actors load theirs
         if info["recall_at_k"] < cfg.index_recall:
             from featscope.core.progress import say
 

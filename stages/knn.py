@@ -54,10 +54,10 @@ class KnnWorker:
 
         torch.set_num_threads(threads)
         self.run, self.layer, self.metric, self.k, self.device = RunDir(run_path), layer, metric, k, device
-        self.release = lambda: None
+        self.release, self.gather = (lambda: None), None
         if base is None:  # ANN: the base streamed from this process's own scratch copy (basefile.py)
             scratch = BaseFile.write(self.run, features, metric)
-            ids, base, self.release = scratch.ids, scratch.rows, scratch.release
+            ids, base, self.release, self.gather = scratch.ids, scratch.rows, scratch.release, scratch.gather
         self.ids, self.base = ids, base
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the store's arrays are read-only; torch only reads them
@@ -74,6 +74,9 @@ class KnnWorker:
                 self.index = faiss.read_index(path)
             self.order = np.argsort(ids, kind="stable")  # image id -> base position
             self.sorted_ids = ids[self.order]
+            # IVF,Flat holds the vectors themselves: the candidates' rows come back with the search
+            # (bit for bit the base's), no random reads of the base; PQ codes are lossy: read the base
+            self.codes_exact = isinstance(faiss.downcast_index(self.index), faiss.IndexIVFFlat)
 
     def _exact(self, q: np.ndarray, qids: np.ndarray):
         import torch
@@ -82,16 +85,20 @@ class KnnWorker:
             self.base_sq = squared_norms(self.base_t, self.release)
         cand = exact_candidates(torch.from_numpy(q).to(self.device), self.base_t, self.base_sq, self.k + 1,
                                 self.metric, self.buf, self.release)
-        out = finish(q, qids, cand, self.base, self.ids, self.k, self.metric)
+        out = finish(q, qids, cand, self.base, self.ids, self.k, self.metric, self.gather)
         self.release()
         return out
 
     def _ann(self, q: np.ndarray, qids: np.ndarray):
-        _, found = self.index.search(q, self.k + 1)
+        vectors = None
+        if self.codes_exact:
+            _, found, vectors = self.index.search_and_reconstruct(q, self.k + 1)
+        else:
+            _, found = self.index.search(q, self.k + 1)
         pos = self.order[np.clip(np.searchsorted(self.sorted_ids, found), 0, len(self.ids) - 1)]
         pos = np.where((found >= 0) & (self.ids[pos] == found), pos, -1)
-        nid, dist = finish(q, qids, pos, self.base, self.ids, self.k, self.metric)
-        self.release()  # the candidates' rows read through the map
+        nid, dist = finish(q, qids, pos, self.base, self.ids, self.k, self.metric, self.gather, vectors)
+        self.release()  # the queries' rows read through the map
         short = ~np.isfinite(dist).all(axis=1)
         if short.any():
             nid[short], dist[short] = self._exact(q[short], qids[short])

@@ -115,18 +115,24 @@ def exact_distances(q: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
 
 
 def finish(q: np.ndarray, qids: np.ndarray | None, cand: np.ndarray, base: np.ndarray, ids: np.ndarray,
-           k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+           k: int, metric: str, gather=None, vectors=None) -> tuple[np.ndarray, np.ndarray]:
     """Candidate base positions [m, c] (-1 = none) -> (neighbour ids, distances) [m, k], sorted.
 
     Drops each query's own image id (not just rank 1: duplicates may tie with it), recomputes
     the distances exactly and orders by (distance, id) so that ties come out the same every run.
+    gather: reads base rows by position instead of base[pos] (a memory-mapped base, `BaseFile.gather`);
+    vectors: the candidates' vectors [m, c, d] when the caller already has them (read from the index).
     """
     m = len(q)
     valid = cand >= 0
     nid = np.where(valid, ids[np.maximum(cand, 0)], -1)
     if qids is not None:
         valid &= nid != qids[:, None]
-    dist = exact_distances(q, base[np.maximum(cand, 0)], metric)
+    pos = np.maximum(cand, 0)
+    if vectors is None:
+        vectors = gather(pos) if gather is not None else base[pos]
+    with np.errstate(invalid="ignore"):  # an index's vectors for "no candidate" (-1) may be NaN; masked below
+        dist = exact_distances(q, vectors, metric)
     dist = np.where(valid, dist, np.inf)
     order = np.lexsort((np.where(valid, nid, np.iinfo(np.int64).max), dist), axis=1)[:, :k]
     rows = np.arange(m)[:, None]
@@ -318,9 +324,9 @@ def self_join_candidates(base_t, base_sq, c: int, metric: str, rows: int | None 
 
 def exact_search(queries: np.ndarray, base: np.ndarray, ids: np.ndarray, k: int, metric: str,
                  query_ids: np.ndarray | None = None, device: str = "cpu",
-                 release=None) -> tuple[np.ndarray, np.ndarray]:
+                 release=None, gather=None) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest base rows of each query (its own id excluded when query_ids is given).
-    release: as in `exact_candidates` (base memory-mapped)."""
+    release, gather: as in `exact_candidates` and `finish` (a memory-mapped base)."""
     import torch
 
     base_t = torch.from_numpy(base).to(device)
@@ -332,7 +338,8 @@ def exact_search(queries: np.ndarray, base: np.ndarray, ids: np.ndarray, k: int,
     for lo in range(0, len(queries), Q_BLOCK):
         q = queries[lo:lo + Q_BLOCK]
         cand = exact_candidates(torch.from_numpy(q).to(device), base_t, base_sq, k + extra, metric, buf, release)
-        n, d = finish(q, None if query_ids is None else query_ids[lo:lo + Q_BLOCK], cand, base, ids, k, metric)
+        n, d = finish(q, None if query_ids is None else query_ids[lo:lo + Q_BLOCK], cand, base, ids, k, metric,
+                      gather)
         if release is not None:
             release()
         out_n.append(n)

@@ -1,5 +1,6 @@
 """The base set's scratch copy (stages/basefile.py): the same vectors as load_base, nothing left on
-disk, pages read through the map dropped by release(), a full disk as one clear error."""
+disk, pages read through the map dropped by release(), random rows read without mapping them, a
+full disk as one clear error."""
 from __future__ import annotations
 
 import os
@@ -49,8 +50,13 @@ def test_release_drops_the_pages_read_and_search_is_unchanged(tmp_path):
     assert _mapped_kb("featscope-base-")["Rss"] >= 20000 * 64 * 4 // 1024 * 0.9
     base.release()
     assert _mapped_kb("featscope-base-")["Rss"] == 0
+    # random rows by pread: the rows asked for, and nothing of the file mapped into the process
+    pos = np.random.default_rng(0).integers(0, 20000, (300, 7))
+    assert np.array_equal(base.gather(pos), vecs[pos])
+    assert _mapped_kb("featscope-base-")["Rss"] == 0
     # the exact search over the map, released per chunk, finds what numpy's brute force finds
-    nid, dist = exact_search(vecs[:50], base.rows, base.ids, 5, "l2", query_ids=base.ids[:50], release=base.release)
+    nid, dist = exact_search(vecs[:50], base.rows, base.ids, 5, "l2", query_ids=base.ids[:50], release=base.release,
+                             gather=base.gather)
     assert _mapped_kb("featscope-base-")["Rss"] == 0
     want_pos, want_d = brute_force(vecs, 5, "l2", rows=np.arange(50))
     assert np.array_equal(nid, base.ids[want_pos]) and np.allclose(dist, want_d, rtol=1e-5)
