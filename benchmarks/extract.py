@@ -10,6 +10,13 @@ In one script, on one ImageFolder of 64-px PNGs (procedural shapes, 12 classes):
   3. pure forward: the model on random tensors of the same shape, same batch size.
 Peak memory: the extract replica's peak RSS on the full set vs on its first `--small` images.
 Last line: one JSON object with the figures.
+
+    python benchmarks/extract.py --whole 16000
+
+Instead, what a user times: two whole processes, imports and start-up included, over the same
+--whole PNGs: `featscope run --stages ingest,extract --set perturb=[]` (embedded Ray) and a plain
+ImageFolder + DataLoader + forward script (PLAIN_SCRIPT, the faster of num_workers 0 and 2);
+`vs_plain_process` = plain seconds / featscope seconds.
 """
 from __future__ import annotations
 
@@ -96,6 +103,44 @@ def pure_forward(model_name: str, size: int, batch: int, n: int) -> dict:
     return {"images": (n // batch) * batch, "seconds": time.perf_counter() - t0}
 
 
+# the plain whole-process baseline: what a user would write by hand for the same forward passes
+PLAIN_SCRIPT = """
+import sys, torch, torchvision
+from torchvision import transforms as T
+data, model_name, size, batch, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+tf = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(),
+                T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+loader = torch.utils.data.DataLoader(torchvision.datasets.ImageFolder(data, transform=tf), batch_size=batch,
+                                     num_workers=workers)
+model = torchvision.models.get_model(model_name, weights=None).eval()
+with torch.inference_mode():
+    n = sum(len(model(x)) for x, _ in loader)
+print(n)
+"""
+
+
+def whole_processes(data: str, out: str, model: str, size: int, batch: int) -> dict:
+    import subprocess
+
+    def timed(cmd: list[str]) -> float:
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "TQDM_DISABLE": "1"})
+        return time.perf_counter() - t0
+
+    shutil.rmtree(out, ignore_errors=True)
+    fs = timed([sys.executable, "-m", "featscope.cli", "run", "--data", data, "--out", out, "--model", model,
+                "--image-size", str(size), "--stages", "ingest,extract", "--set", "perturb=[]",
+                "--set", f"batch_size={batch}", "--format", "json"])
+    plain = {w: timed([sys.executable, "-c", PLAIN_SCRIPT, data, model, str(size), str(batch), str(w)])
+             for w in (0, 2)}
+    best = min(plain.values())
+    from featscope.core.rundir import RunDir
+
+    return {"whole_images": RunDir(out).read_meta()["stages"]["extract"]["rows"], "featscope_process_s": round(fs, 2),
+            "plain_process_s_by_workers": {w: round(v, 2) for w, v in plain.items()},
+            "vs_plain_process": round(best / fs, 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=20000)
@@ -104,8 +149,15 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--work", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".bench"))
+    ap.add_argument("--whole", type=int, default=0, help="time whole processes over this many PNGs instead")
     a = ap.parse_args()
     work = os.path.abspath(a.work)
+    if a.whole:
+        folder = os.path.join(work, f"shapes{a.whole}")
+        make_folder(folder, a.whole, a.size)
+        res = whole_processes(folder, os.path.join(work, "run-whole"), a.model, a.size, a.batch)
+        print(json.dumps({"model": a.model, "image_size": a.size, "batch_size": a.batch, **res}))
+        return
     big, small = os.path.join(work, f"shapes{a.n}"), os.path.join(work, f"shapes{a.small}")
     t = time.perf_counter()
     make_folder(big, a.n, a.size)
