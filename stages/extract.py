@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -86,7 +87,10 @@ class ShardExtractor:
             import ray
 
             module = ray.get(spec["module_ref"])
-        model, info = build_model(spec["model"], spec["weights"], spec["num_classes"], module, spec.get("search_path"))
+        with warnings.catch_warnings():  # "no --weights": the driver has said it once, not once per replica
+            warnings.simplefilter("ignore", UserWarning)
+            model, info = build_model(spec["model"], spec["weights"], spec["num_classes"], module,
+                                      spec.get("search_path"))
         if spec.get("model_sha256") and module is None:
             from .models import state_sha256
 

@@ -132,3 +132,16 @@ def test_check_reachable_leaves_local_to_ray():
     from featscope.pipeline.runner import check_reachable
 
     check_reachable("local")  # nothing to probe: Ray starts one
+
+
+def test_a_model_without_weights_is_said_once_not_once_per_replica(tmp_path):
+    """The driver warns that a model without --weights is randomly initialised; each extract
+    replica used to repeat it through Ray's log forwarding (a UserWarning with a source line)."""
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "featscope.cli", "run", "--data", "builtin:shapes?n=24&size=32",
+                           "--model", "resnet18", "--image-size", "32", "--stages", "ingest,extract",
+                           "--set", "perturb=[]", "--out", str(out)], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("randomly initialised") == 1, done.stderr[-2000:]
+    assert "UserWarning" not in done.stderr
