@@ -46,7 +46,8 @@ KNN_SCHEMA = pa.schema([("layer", pa.string()), ("query_id", pa.int64()), ("rank
 
 
 class KnnWorker:
-    """Holds one layer's base (zero-copy from the object store) and, for ANN, its index."""
+    """Holds one layer's base (exact: zero-copy from the object store; ANN: its own scratch copy,
+    `basefile.BaseFile`) and, for ANN, its index."""
 
     def __init__(self, run_path: str, layer: str, ids: np.ndarray | None, base: np.ndarray | None,
                  index_path: str | None, metric: str, k: int, threads: int, device: str, features: str | None = None):
