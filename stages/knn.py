@@ -2,8 +2,9 @@
 -> `knn/<layer>/part-NNNNN.parquet` (layer, query_id, rank, neighbor_id, distance).
 
 Exact (blocked torch matmul + top-k, see stages/vectors.py) up to `exact_knn_max` vectors,
-through the layer's FAISS index beyond; either way the distances of the neighbours found are
-recomputed exactly, in the index json's metric. A row the index leaves short of k neighbours
+through the layer's FAISS index beyond; either way the distances are exact, in the index
+json's metric: recomputed from the vectors, or, for IVF,Flat, FAISS's own (computed on the raw
+vectors, within ~1 ulp of a recomputation). A row the index leaves short of k neighbours
 is redone exactly.
 
 Exact, two paths with the same results (ids up to exact ties, same distances): when one actor
@@ -75,8 +76,8 @@ class KnnWorker:
                 self.index = faiss.read_index(path)
             self.order = np.argsort(ids, kind="stable")  # image id -> base position
             self.sorted_ids = ids[self.order]
-            # IVF,Flat holds the vectors themselves: the candidates' rows come back with the search
-            # (bit for bit the base's), no random reads of the base; PQ codes are lossy: read the base
+            # IVF,Flat scores the raw vectors: its distances are exact (within ~1 ulp of a recomputation)
+            # and no candidate row need be read; PQ codes are lossy: their rows are read from the base
             self.codes_exact = isinstance(faiss.downcast_index(self.index), faiss.IndexIVFFlat)
 
     def _exact(self, q: np.ndarray, qids: np.ndarray):
@@ -91,14 +92,13 @@ class KnnWorker:
         return out
 
     def _ann(self, q: np.ndarray, qids: np.ndarray):
-        vectors = None
-        if self.codes_exact:
-            _, found, vectors = self.index.search_and_reconstruct(q, self.k + 1)
-        else:
-            _, found = self.index.search(q, self.k + 1)
+        scores, found = self.index.search(q, self.k + 1)
+        exact = None
+        if self.codes_exact:  # FAISS's squared L2 / inner product -> the shared convention
+            exact = np.sqrt(np.maximum(scores, 0)) if self.metric == "l2" else 1.0 - scores
         pos = self.order[np.clip(np.searchsorted(self.sorted_ids, found), 0, len(self.ids) - 1)]
         pos = np.where((found >= 0) & (self.ids[pos] == found), pos, -1)
-        nid, dist = finish(q, qids, pos, self.base, self.ids, self.k, self.metric, self.gather, vectors)
+        nid, dist = finish(q, qids, pos, self.base, self.ids, self.k, self.metric, self.gather, exact)
         self.release()  # the queries' rows read through the map
         short = ~np.isfinite(dist).all(axis=1)
         if short.any():

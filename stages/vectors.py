@@ -115,13 +115,14 @@ def exact_distances(q: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
 
 
 def finish(q: np.ndarray, qids: np.ndarray | None, cand: np.ndarray, base: np.ndarray, ids: np.ndarray,
-           k: int, metric: str, gather=None, vectors=None) -> tuple[np.ndarray, np.ndarray]:
+           k: int, metric: str, gather=None, distances=None) -> tuple[np.ndarray, np.ndarray]:
     """Candidate base positions [m, c] (-1 = none) -> (neighbour ids, distances) [m, k], sorted.
 
     Drops each query's own image id (not just rank 1: duplicates may tie with it), recomputes
     the distances exactly and orders by (distance, id) so that ties come out the same every run.
     gather: reads base rows by position instead of base[pos] (a memory-mapped base, `BaseFile.gather`);
-    vectors: the candidates' vectors [m, c, d] when the caller already has them (read from the index).
+    distances: the candidates' distances [m, c] in the shared convention when the caller already
+    has them exactly (an IVF,Flat index computes them on the raw vectors; within ~1 ulp of ours).
     """
     m = len(q)
     valid = cand >= 0
@@ -129,10 +130,10 @@ def finish(q: np.ndarray, qids: np.ndarray | None, cand: np.ndarray, base: np.nd
     if qids is not None:
         valid &= nid != qids[:, None]
     pos = np.maximum(cand, 0)
-    if vectors is None:
-        vectors = gather(pos) if gather is not None else base[pos]
-    with np.errstate(invalid="ignore"):  # an index's vectors for "no candidate" (-1) may be NaN; masked below
-        dist = exact_distances(q, vectors, metric)
+    if distances is not None:
+        dist = distances.astype(np.float32, copy=False)
+    else:
+        dist = exact_distances(q, gather(pos) if gather is not None else base[pos], metric)
     dist = np.where(valid, dist, np.inf)
     order = np.lexsort((np.where(valid, nid, np.iinfo(np.int64).max), dist), axis=1)[:, :k]
     rows = np.arange(m)[:, None]

@@ -73,8 +73,8 @@ def test_resume_skips_finished_shards_and_redoes_on_new_k(ray_session, tmp_path)
     assert len(knn_table(run)) == 600 * 6
 
 
-# IVF,Flat returns the candidates' vectors with the search; PQ codes are lossy, so those rows are
-# read from the base's scratch file (stages/basefile.py): both must give exact distances
+# IVF,Flat's own distances are exact; PQ codes are lossy, so those candidates' rows are read from
+# the base's scratch file (stages/basefile.py) and their distances recomputed: both must be exact
 @pytest.mark.parametrize("factory,min_recall", [("auto", 0.95), ("IVF16,PQ8", 0.6)])
 def test_knn_through_ann_index(ray_session, tmp_path, factory, min_recall):
     vecs = clustered(6000, 16, centers=40, seed=4)
