@@ -2,11 +2,12 @@
 stages' ANN path streams N x d vectors instead of holding them in RAM beside the index.
 
 `BaseFile.write` copies the `orig` vectors of a layer's Parquet shards (one shard in memory at a
-time, cosine rows normalised as `vectors.load_base` does) into a float32 file under the
-machine's temp dir (`TMPDIR`), maps it privately and unlinks it at once: the mapping stays
-valid, and the file's disk space is freed when the process ends, however it ends (a killed Ray
-actor leaves nothing behind). Each process that needs the base makes its own copy from the run
-directory, so a worker on another node never depends on the driver's disk.
+time, through `vectors.orig_rows`; cosine rows normalised by `vectors.unit_rows`, as `load_base`
+does) into a float32 file under the machine's temp dir (`TMPDIR`), maps it privately and unlinks
+it at once: the mapping stays valid, and the file's disk space is freed when the process ends,
+however it ends (a killed Ray actor leaves nothing behind). Each process that needs the base
+makes its own copy from the run directory, so a worker on another node never depends on the
+driver's disk.
 
 Pages read through a map count in the process's resident memory until they are dropped, so the
 readers call `release()` after each block (`madvise(MADV_DONTNEED)`: the pages leave the
@@ -20,12 +21,11 @@ import os
 import tempfile
 
 import numpy as np
-import pyarrow.compute as pc
 
 from featscope.core.config import UserError
-from featscope.core.rundir import RunDir, read_table
+from featscope.core.rundir import RunDir
 
-from .vectors import feature_files, vec_matrix
+from .vectors import feature_files, orig_rows, unit_rows
 
 
 def return_freed_memory() -> None:
@@ -52,9 +52,6 @@ class BaseFile:
     def __init__(self, ids: np.ndarray, rows: np.ndarray, mm: mmap.mmap | None, fd: int | None = None):
         self.ids, self.rows, self._mm, self._fd = ids, rows, mm, fd
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
     @classmethod
     def write(cls, run: RunDir, features: str, metric: str, scratch_dir: str | None = None) -> "BaseFile":
         files = feature_files(run, features)
@@ -64,17 +61,13 @@ class BaseFile:
             fd, path = tempfile.mkstemp(prefix="featscope-base-", suffix=".f32", dir=scratch_dir)
             os.unlink(path)  # nothing to clean up later: the space goes with the last descriptor
             with os.fdopen(fd, "wb", closefd=False) as out:
-                for f in files:
-                    t = read_table(f, columns=["image_id", "view", "vec"])
-                    t = t.filter(pc.equal(t.column("view"), "orig"))
-                    if t.num_rows == 0:
-                        continue
-                    vecs = np.ascontiguousarray(vec_matrix(t), dtype=np.float32)
-                    if metric == "cosine":  # vectors.load_base's arithmetic, row by row the same
-                        vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+                for file_ids, vecs in orig_rows(files):
+                    vecs = np.ascontiguousarray(vecs, dtype=np.float32)
+                    if metric == "cosine":  # load_base's arithmetic, row by row the same bits
+                        vecs = unit_rows(vecs)
                     dim = vecs.shape[1]
                     out.write(memoryview(vecs).cast("B"))
-                    ids.append(t.column("image_id").to_numpy())
+                    ids.append(file_ids)
                     n += len(vecs)
             if n == 0:
                 raise UserError(f"layer '{features}' has no vectors with view 'orig' in {run.root}")

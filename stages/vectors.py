@@ -54,6 +54,25 @@ def count_orig(files: list[str]) -> list[int]:
             for f in files]
 
 
+def orig_rows(files: list[str], counts: list[int] | None = None):
+    """(image_id int64 [m], vectors [m, d]) of each file's `orig` rows, one file in memory at a
+    time, in file order; files without any are skipped (unread where `counts` says so). The one
+    reading of a layer's base: `load_base` fills RAM from it, `basefile.BaseFile` a scratch file."""
+    for i, f in enumerate(files):
+        if counts is not None and counts[i] == 0:
+            continue
+        t = read_table(f, columns=["image_id", "view", "vec"])
+        t = t.filter(pc.equal(t.column("view"), "orig"))
+        if t.num_rows:
+            yield t.column("image_id").to_numpy(), vec_matrix(t)
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """x's rows divided by their L2 norms (a zero row stays zero): the cosine preparation, the
+    same arithmetic wherever a base or a query is prepared, so their bits agree."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def load_base(run: RunDir, features: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """(image_id int64 [N], vectors float32 [N, d]) of the `orig` views, in shard order.
 
@@ -65,21 +84,15 @@ def load_base(run: RunDir, features: str, metric: str) -> tuple[np.ndarray, np.n
     if n == 0:
         raise UserError(f"layer '{features}' has no vectors with view 'orig' in {run.root}")
     ids, base, pos = np.empty(n, np.int64), None, 0
-    for f, count in zip(files, counts):
-        if count == 0:
-            continue
-        t = read_table(f, columns=["image_id", "view", "vec"])
-        t = t.filter(pc.equal(t.column("view"), "orig"))
-        vecs = vec_matrix(t)
+    for file_ids, vecs in orig_rows(files, counts):
         if base is None:
             base = np.empty((n, vecs.shape[1]), np.float32)
-        base[pos:pos + count] = vecs
-        ids[pos:pos + count] = t.column("image_id").to_numpy()
-        pos += count
-    if metric == "cosine":  # prepare()'s arithmetic exactly (twins compare against it), in place, in blocks
+        base[pos:pos + len(vecs)] = vecs
+        ids[pos:pos + len(vecs)] = file_ids
+        pos += len(vecs)
+    if metric == "cosine":  # prepare()'s arithmetic (twins compare against it), in blocks
         for lo in range(0, n, 65536):  # np.linalg.norm's x * x temporary: a block, not the base
-            block = base[lo:lo + 65536]
-            block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
+            base[lo:lo + 65536] = unit_rows(base[lo:lo + 65536])
     return ids, base
 
 
@@ -87,8 +100,7 @@ def prepare(x: np.ndarray, metric: str) -> np.ndarray:
     """Cosine vectors are unit-normalised (a zero vector stays zero); L2 vectors are used as they are."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if metric == "cosine":
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        x = x / np.maximum(norms, 1e-12)
+        x = unit_rows(x)
     return x.astype(np.float32, copy=False)
 
 
