@@ -3,11 +3,15 @@ finished shards. Stages never call each other; they read and write the run direc
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
 import os
 import platform
+import signal
+import sys
+import threading
 import time
 import warnings
 
@@ -40,7 +44,9 @@ def versions() -> dict:
 # authentication is on, ray.data's note that its own progress bars are off: featscope draws one
 # per stage); each is dropped by exact text, at its own logger, so every other warning still shows
 _RAY_NOISE = {"ray._private.authentication.authentication_token_setup": "Token authentication is enabled for this",
-              "ray.data._internal.progress": "Progress bars disabled."}
+              "ray.data._internal.progress": "Progress bars disabled.",
+              # ray.init from start_ray_in_background's thread; connect_ray sets the same handler
+              "ray._private.worker": "SIGTERM handler is not set because current thread"}
 
 
 class _DropRayNoise(logging.Filter):
@@ -59,12 +65,81 @@ def quiet_ray_notes() -> None:
             logger.addFilter(_DropRayNoise(text))
 
 
-def connect_ray(num_cpus: int | None = None) -> None:
-    """RAY_ADDRESS (or a job submitted with `ray job submit`) selects a cluster; else an embedded Ray."""
+# set once start_ray_in_background's thread has started the embedded Ray; what that raised
+_starting: threading.Event | None = None
+_start_error: BaseException | None = None
+
+
+def start_ray_in_background() -> None:
+    """Start the embedded Ray in a thread while the driver goes on validating the run.
+
+    On 2 cores `ray.init` (~7 s: Ray's own processes starting and registering) and the driver's
+    checks (~7 s: importing torchvision, building and tracing the model) are mostly waits on other
+    processes and imports; side by side they take about the longer of the two. connect_ray() joins
+    the thread. Only for the embedded Ray: a cluster (RAY_ADDRESS) is checked and joined in the
+    main thread, so that an unreachable one is one line before any work."""
+    global _starting
     import ray
 
+    if _starting is not None or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return
+
+    started = threading.Event()
+
+    def start() -> None:
+        global _start_error
+        try:
+            _init_ray(None)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by connect_ray, in the caller's thread
+            _start_error = exc
+        started.set()
+        # Ray binds the lifetime of the processes it starts (GCS, raylet) to their parent with
+        # prctl(PR_SET_PDEATHSIG), and on Linux the parent is this *thread*: were it to end, they
+        # would be killed and the driver lose its GCS ("Failed to connect to GCS within 60
+        # seconds"). So it stays, idle, for the life of the process (a daemon: it does not hold up
+        # the exit, after which atexit's ray.shutdown has stopped them anyway).
+        threading.Event().wait()
+
+    _starting = started
+    threading.Thread(target=start, name="featscope-ray-start", daemon=True).start()
+    atexit.register(_stop_at_exit)
+
+
+def connect_ray(num_cpus: int | None = None) -> None:
+    """RAY_ADDRESS (or a job submitted with `ray job submit`) selects a cluster; else an embedded Ray."""
+    global _starting, _start_error
+    import ray
+
+    if _starting is not None:
+        _starting.wait()
+        _starting = None
+        if threading.current_thread() is threading.main_thread():
+            # what ray.init does when called from the main thread: SIGTERM exits through atexit,
+            # whose ray.shutdown stops the embedded Ray's processes
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+        if _start_error is not None:
+            error, _start_error = _start_error, None
+            raise error
     if ray.is_initialized():
         return
+    _init_ray(num_cpus)
+
+
+
+
+def _stop_at_exit() -> None:
+    """At exit, a Ray start still under way (the run was refused, or interrupted, before it
+    connected) is waited for and stopped: cut off by the exit, the agents its raylet had started
+    would outlive the process. Registered after ray's own atexit hook, so it runs before it."""
+    if _starting is not None:
+        _starting.wait()
+        import ray
+
+        ray.shutdown()
+
+def _init_ray(num_cpus: int | None) -> None:
+    import ray
+
     quiet_ray_notes()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     kwargs = dict(ignore_reinit_error=True, include_dashboard=False, log_to_driver=True,
@@ -172,21 +247,26 @@ def index_layers(cfg: Config, layers) -> list[dict]:
 class Prepared:
     """Everything validated before any work starts."""
 
-    def __init__(self, cfg: Config, module=None):
+    def __init__(self, cfg: Config, module=None, on_inputs_checked=None):
         from featscope.stages import ingest
-        from featscope.stages.layers import default_layers, resolve_layers, same_vectors, trace
-        from featscope.stages.models import build_model, check_model_name, model_kind, preprocess_for, search_path
 
         self.cfg = cfg
         self.module = module  # the nn.Module of an `object:` model (the Python API)
-        self.kind = model_kind(cfg.model)
-        self.search_path = search_path() if self.kind == "factory" else []
         self.stages = [s for s in STAGES if cfg.stages is None or s in cfg.stages]
-        check_model_name(cfg.model, module)
         if cfg.weights and not os.path.isfile(cfg.weights):
             raise UserError(f"weights file not found: {cfg.weights}")
         self.plan = ingest.plan(cfg.data, cfg.shard_size)
         self.classes = self.plan.classes
+        if on_inputs_checked:
+            # the checks that need no torch passed; from here on (importing torch and torchvision,
+            # building and tracing the model) it takes seconds, and the caller's work can go beside it
+            on_inputs_checked()
+        from featscope.stages.layers import default_layers, resolve_layers, same_vectors, trace
+        from featscope.stages.models import build_model, check_model_name, model_kind, preprocess_for, search_path
+
+        self.kind = model_kind(cfg.model)
+        self.search_path = search_path() if self.kind == "factory" else []
+        check_model_name(cfg.model, module)
         # the built-in CNN without weights is trained on the spot (the embedded default)
         self.needs_training = cfg.model == "smallcnn" and not cfg.weights and cfg.train_epochs > 0
         with warnings.catch_warnings():
@@ -278,38 +358,8 @@ def run_pipeline(cfg: Config, quiet: bool = False, module=None) -> dict:
     from featscope.core.progress import set_quiet
 
     set_quiet(quiet)  # progress bars and notes on stderr; none in --format json
-    prep = Prepared(cfg, module)  # raises UserError before any work
-    if os.environ.get("RAY_ADDRESS"):
-        import ray
-
-        if not ray.is_initialized():
-            check_reachable(os.environ["RAY_ADDRESS"])  # before the run directory is made
+    prep = _prepare_run(cfg, module)  # raises UserError before any work
     run = prep.run
-    if cfg.overwrite:
-        run.wipe()
-    meta = run.read_meta()
-    fp = prep.fingerprint()
-    if meta and meta.get("fingerprint") != fp:
-        raise UserError(f"{run.root} holds a run made with another config or dataset: "
-                        f"use --overwrite to redo it, or --out for a new run")
-    if prep.stages and prep.stages[0] != "ingest":
-        _require(run, prep.stages[0], "ingest")
-    meta.update({"fingerprint": fp, "config": cfg.to_dict(), "versions": versions(),
-                 "dataset": {"source": cfg.data, "kind": prep.plan.kind, "fingerprint": prep.plan.fingerprint,
-                             "inputs": prep.plan.n_inputs, "classes": prep.classes},
-                 "model": {"name": cfg.model, "kind": prep.kind, "sha256": prep.model_sha256,
-                           "num_classes": prep.info.num_classes, "search_path": prep.search_path},
-                 "layers": [layer.to_dict() for layer in prep.layers],
-                 "index_layers": prep.index_layers,
-                 "views": prep.views,
-                 "preprocess": {"image_size": prep.pre.image_size, "resize": prep.pre.resize,
-                                "mean": list(cfg.mean or prep.info.mean), "std": list(cfg.std or prep.info.std)},
-                 "cam": prep.cam_available, "explain": prep.explain})
-    meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    meta.setdefault("stages", {})
-    run.create()
-    remove_stale_temporaries(run.root)
-    run.write_meta(meta)
     connect_ray()
     run.write_meta({**run.read_meta(), "ray": ray_info()})
     summary: dict = {"run": run.path}
@@ -350,6 +400,43 @@ def run_pipeline(cfg: Config, quiet: bool = False, module=None) -> dict:
         summary[stage] = res
     catalog.write_catalog(run)
     return summary
+
+
+def _prepare_run(cfg: Config, module) -> Prepared:
+    """Every check, then the run directory and its run.json: the embedded Ray starts beside the slow part."""
+    prep = Prepared(cfg, module, on_inputs_checked=start_ray_in_background)
+    if os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        if not ray.is_initialized():
+            check_reachable(os.environ["RAY_ADDRESS"])  # before the run directory is made
+    run = prep.run
+    if cfg.overwrite:
+        run.wipe()
+    meta = run.read_meta()
+    fp = prep.fingerprint()
+    if meta and meta.get("fingerprint") != fp:
+        raise UserError(f"{run.root} holds a run made with another config or dataset: "
+                        f"use --overwrite to redo it, or --out for a new run")
+    if prep.stages and prep.stages[0] != "ingest":
+        _require(run, prep.stages[0], "ingest")
+    meta.update({"fingerprint": fp, "config": cfg.to_dict(), "versions": versions(),
+                 "dataset": {"source": cfg.data, "kind": prep.plan.kind, "fingerprint": prep.plan.fingerprint,
+                             "inputs": prep.plan.n_inputs, "classes": prep.classes},
+                 "model": {"name": cfg.model, "kind": prep.kind, "sha256": prep.model_sha256,
+                           "num_classes": prep.info.num_classes, "search_path": prep.search_path},
+                 "layers": [layer.to_dict() for layer in prep.layers],
+                 "index_layers": prep.index_layers,
+                 "views": prep.views,
+                 "preprocess": {"image_size": prep.pre.image_size, "resize": prep.pre.resize,
+                                "mean": list(cfg.mean or prep.info.mean), "std": list(cfg.std or prep.info.std)},
+                 "cam": prep.cam_available, "explain": prep.explain})
+    meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    meta.setdefault("stages", {})
+    run.create()
+    remove_stale_temporaries(run.root)
+    run.write_meta(meta)
+    return prep
 
 
 def _plain(res: dict) -> dict:
