@@ -2,7 +2,8 @@
 
 The unit of work is one images shard. Ray Data runs a pool of model replicas (actors:
 one per GPU, or CPU replicas that each own `num_cpus` threads) over the list of unfinished
-shards; each replica reads its shard's bytes, decodes them with torchvision's native decoder
+shards; where that pool would be one CPU replica on the embedded Ray's one node, the same
+replica class runs in the driver's process instead (`in_driver`, config `extract_in`). Each replica reads its shard's bytes, decodes them with torchvision's native decoder
 in a background thread (overlapping the forward pass), runs one forward per batch that
 returns every requested node and the logits, and streams row groups into temporary files
 renamed into place when the shard is complete. Its stats file is written last. The explanation
@@ -128,6 +129,12 @@ class ShardExtractor:
         self.pending_writes: list = []
         threads = int(spec.get("decode_threads") or 1)
         self.decoders = ThreadPoolExecutor(threads) if threads > 1 else None
+
+    def close(self) -> None:
+        """The threads go (a replica in the driver's process would otherwise keep them)."""
+        for pool in (self.pool, self.write_pool, self.decoders):
+            if pool is not None:
+                pool.shutdown(wait=True)
 
     # Ray Data passes a batch of shard indices (batch_size=1: one shard per call)
     def __call__(self, batch: dict) -> dict:
@@ -339,7 +346,6 @@ class _Cfg:
 def run(run_dir: RunDir, cfg, spec: dict, n_shards: int, progress) -> dict:
     """Extract every images shard that has no extract stats yet; returns totals."""
     import ray
-    import ray.data
 
     todo = [i for i in range(n_shards) if not run_dir.shard_done("extract", i)]
     if todo:
@@ -360,16 +366,11 @@ def run(run_dir: RunDir, cfg, spec: dict, n_shards: int, progress) -> dict:
             remote = {"num_cpus": threads}
             spec = {**spec, "device": "cpu", "threads": threads}
         replicas = max(1, min(replicas, len(todo)))
-        ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
-        # a replica killed mid-shard is restarted and its shard retried: Ray Data's actor-pool defaults
-        # (max_restarts=-1, max_task_retries=-1; passing them again is deprecated in Ray 2.60, and
-        # tests/test_cluster.py kills a replica to hold them to it). The retry rewrites the same final
-        # names with the same content, so every row exists once.
-        ds = ds.map_batches(ShardExtractor, fn_constructor_args=(run_dir.path, spec), batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=replicas), **remote)
         try:
-            for _ in progress(ds.iter_rows(), "extract", n_shards - len(todo), n_shards):
-                pass
+            if in_driver(cfg.extract_in, gpus, len(nodes), replicas):
+                _extract_here(run_dir, spec, todo, n_shards, progress)
+            else:
+                _extract_on_ray(run_dir, spec, todo, n_shards, progress, replicas, remote)
         except Exception as exc:  # noqa: BLE001 - Ray wraps a replica's error in its own types
             text = str(exc)
             if MODEL_MISMATCH not in text:
@@ -380,3 +381,45 @@ def run(run_dir: RunDir, cfg, spec: dict, n_shards: int, progress) -> dict:
     stats = run_dir.read_stats("extract")
     return {"shards": len(stats), "redone": len(todo), "rows": sum(s["rows"] for s in stats),
             "errors": sum(s["errors"] for s in stats), "seconds": sum(s["seconds"] for s in stats)}
+
+
+def in_driver(extract_in: str, gpus: int, nodes: int, replicas: int) -> bool:
+    """Where the one replica runs: `driver` (this process), `ray` (a Ray Data actor pool), or
+    `auto`: the driver when the work is one CPU replica on the embedded Ray's single node.
+
+    There a replica actor is a second Python on the same cores that imports torch and torchvision
+    and builds and traces the model again (the driver has just done so to validate the run): 13 s
+    of a 16,000-image run on 2 cores, which the actor does not win back (benchmarks/RESULTS.md,
+    `## extract`). What the actor gives and the driver does not: a replica killed mid-shard is
+    restarted by Ray; in the driver the run stops, and the same command resumes at that shard."""
+    if extract_in != "auto":
+        return extract_in == "driver"
+    return not gpus and nodes == 1 and replicas == 1 and not os.environ.get("RAY_ADDRESS")
+
+
+def _extract_here(run_dir: RunDir, spec: dict, todo: list[int], n_shards: int, progress) -> None:
+    import torch
+
+    threads = torch.get_num_threads()  # the replica sets its own; the driver's later stages keep theirs
+    replica = ShardExtractor(run_dir.path, spec)
+    try:
+        for index in progress(iter(todo), "extract", n_shards - len(todo), n_shards):
+            replica.extract_shard(index)
+    finally:
+        replica.close()
+        torch.set_num_threads(threads)
+
+
+def _extract_on_ray(run_dir: RunDir, spec: dict, todo: list[int], n_shards: int, progress, replicas: int,
+                    remote: dict) -> None:
+    import ray.data
+
+    ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
+    # a replica killed mid-shard is restarted and its shard retried: Ray Data's actor-pool defaults
+    # (max_restarts=-1, max_task_retries=-1; passing them again is deprecated in Ray 2.60, and
+    # tests/test_cluster.py kills a replica to hold them to it). The retry rewrites the same final
+    # names with the same content, so every row exists once.
+    ds = ds.map_batches(ShardExtractor, fn_constructor_args=(run_dir.path, spec), batch_size=1,
+                        compute=ray.data.ActorPoolStrategy(size=replicas), **remote)
+    for _ in progress(ds.iter_rows(), "extract", n_shards - len(todo), n_shards):
+        pass

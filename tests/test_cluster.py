@@ -66,8 +66,8 @@ def assert_exactly_once(run: str, n_images: int) -> None:
     assert len(stats) == N_SHARDS and sum(json.loads(p.read_text())["rows"] for p in stats) == n_images
 
 
-def run_here(out: Path) -> str:
-    cfg = build_config(None, {"out": str(out)}, [f"{k}={json.dumps(v)}" for k, v in SMALL.items()])
+def run_here(out: Path, **extra) -> str:
+    cfg = build_config(None, {"out": str(out)}, [f"{k}={json.dumps(v)}" for k, v in {**SMALL, **extra}.items()])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_pipeline(cfg, quiet=True)
@@ -167,8 +167,12 @@ def test_cluster_yaml_validates_against_rays_own_schema():
 # ---- faults ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def reference_here(ray_session, tmp_path_factory):
-    """An uninterrupted run in the session's Ray (one replica)."""
-    return run_here(tmp_path_factory.mktemp("ref") / "run")
+    """An uninterrupted run in the session's Ray: one CPU replica on one node, so in the driver's
+    process (extract_in=auto)."""
+    out = run_here(tmp_path_factory.mktemp("ref") / "run")
+    assert {json.loads(p.read_text())["replica_pid"] for p in Path(out, "stats", "extract").glob("*.json")} \
+        == {os.getpid()}
+    return out
 
 
 def test_worker_killed_mid_extract_is_retried_exactly_once(ray_session, reference_here, tmp_path):
@@ -186,12 +190,13 @@ def test_worker_killed_mid_extract_is_retried_exactly_once(ray_session, referenc
 
     killer = threading.Thread(target=kill_a_replica_mid_shard, daemon=True)
     killer.start()
-    run_here(out)
+    run_here(out, extract_in="ray")  # an actor pool: the replica killed is Ray's, and Ray restarts it
     killer.join(timeout=60)
     assert killed, "no replica was killed"
     pids = {json.loads(p.read_text())["replica_pid"] for p in (out / "stats" / "extract").glob("*.json")}
     assert killed[0] in pids and len(pids) >= 2  # the rest was done by the restarted replica
     assert_exactly_once(str(out), 768)
+    # the same bits from Ray actors as from the replica in the driver's process
     assert features(str(out)) == features(reference_here)
 
 

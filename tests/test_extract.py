@@ -123,3 +123,26 @@ def test_changed_config_refuses_to_mix_runs(ray_session, tmp_path):
         run_pipeline(_shapes_cfg(out), quiet=True)
         with pytest.raises(UserError, match="another config"):
             run_pipeline(_shapes_cfg(out, image_size=48), quiet=True)
+
+
+def test_where_the_replica_runs(monkeypatch):
+    """auto: in the driver's process only for one CPU replica on the embedded Ray's one node (the
+    actor pool's equality with it, bit for bit, is tests/test_cluster.py's killed-replica test)."""
+    from featscope.stages.extract import in_driver
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert in_driver("auto", gpus=0, nodes=1, replicas=1)
+    assert not in_driver("auto", gpus=1, nodes=1, replicas=1)
+    assert not in_driver("auto", gpus=0, nodes=2, replicas=1)
+    assert not in_driver("auto", gpus=0, nodes=1, replicas=2)
+    assert not in_driver("ray", gpus=0, nodes=1, replicas=1)
+    assert in_driver("driver", gpus=0, nodes=2, replicas=2)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster, or a job: the driver may be anywhere
+    assert not in_driver("auto", gpus=0, nodes=1, replicas=1)
+
+
+def test_extract_in_is_checked():
+    from featscope.core.config import UserError
+
+    with pytest.raises(UserError, match="extract_in must be auto, driver or ray, not 'gpu'"):
+        build_config(None, {"data": "builtin:digits"}, ["extract_in=gpu"])

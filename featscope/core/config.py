@@ -49,6 +49,9 @@ class Config:
     shard_size: int = 4096  # images per shard: the unit of work and of resume
     device: str = "auto"  # auto | cpu | cuda
     replicas: int | None = None  # model replicas; None: one per GPU, else 1
+    # where extraction runs: auto (this process for one CPU replica on the embedded Ray; else Ray
+    # actors) | driver | ray (an actor pool, whose replicas Ray restarts when one is killed)
+    extract_in: str = "auto"
     num_classes: int | None = None  # head size for randomly initialised models; None: dataset's
     seed: int = 0
     # bad input
@@ -202,6 +205,8 @@ def validate(cfg: Config) -> None:
         raise UserError("batch_size and shard_size must be positive")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"device must be auto, cpu or cuda, not {cfg.device!r}")
+    if cfg.extract_in not in ("auto", "driver", "ray"):
+        raise UserError(f"extract_in must be auto, driver or ray, not {cfg.extract_in!r}")
     if cfg.layers is not None and not cfg.layers:
         raise UserError("at least one layer is needed")
     if cfg.deep_queries < 1 or cfg.deep_k < 1:
