@@ -4,7 +4,8 @@
 
 In one script, on one ImageFolder of 64-px PNGs (procedural shapes, 12 classes):
   1. featscope: `featscope run --stages ingest,extract --image-size 64` (embedded Ray); the
-     extract stage's wall time counts, Ray actor start-up included;
+     extract stage's wall time counts, replica start-up included (on one CPU node the replica
+     runs in this process, extract_in=auto; its peak RSS is then this process's);
   2. the plain loop: torchvision ImageFolder + the same transforms + DataLoader + forward
      under inference_mode (best of num_workers 0 and 2);
   3. pure forward: the model on random tensors of the same shape, same batch size.
