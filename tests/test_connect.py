@@ -59,7 +59,9 @@ def test_run_ignores_a_stale_cluster_address(stale_ray_tmpdir, tmp_path):
     assert (out / "stats" / "extract").is_dir()
     for line in NOISE:  # nor any of Ray's notes
         assert line not in done.stderr, line
-    assert "extract: 100%" in done.stderr  # what is not noise still comes through the filter
+    # what is not noise still comes through the filter: the stage's bar (its 100% frame only when
+    # the stage outlasts tqdm's 0.1 s refresh, which one 48-image shard in this process does not)
+    assert "extract:   0%" in done.stderr
 
 
 def test_an_unreachable_cluster_is_one_line(tmp_path):
