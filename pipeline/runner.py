@@ -75,8 +75,8 @@ def start_ray_in_background() -> None:
 
     On 2 cores `ray.init` (~7 s: Ray's own processes starting and registering) and the driver's
     checks (~7 s: importing torchvision, building and tracing the model) are mostly waits on other
-    processes and imports; side by side they take about the longer of the two. connect_ray() joins
-    the thread. Only for the embedded Ray: a cluster (RAY_ADDRESS) is checked and joined in the
+    processes and imports; side by side they take about the longer of the two. connect_ray() waits
+    for it. Only for the embedded Ray: a cluster (RAY_ADDRESS) is checked and joined in the
     main thread, so that an unreachable one is one line before any work."""
     global _starting
     import ray
@@ -125,8 +125,6 @@ def connect_ray(num_cpus: int | None = None) -> None:
     _init_ray(num_cpus)
 
 
-
-
 def _stop_at_exit() -> None:
     """At exit, a Ray start still under way (the run was refused, or interrupted, before it
     connected) is waited for and stopped: cut off by the exit, the agents its raylet had started
@@ -136,6 +134,7 @@ def _stop_at_exit() -> None:
         import ray
 
         ray.shutdown()
+
 
 def _init_ray(num_cpus: int | None) -> None:
     import ray
