@@ -388,7 +388,7 @@ def in_driver(extract_in: str, gpus: int, nodes: int, replicas: int) -> bool:
     `auto`: the driver when the work is one CPU replica on the embedded Ray's single node.
 
     There a replica actor is a second Python on the same cores that imports torch and torchvision
-    and builds and traces the model again (the driver has just done so to validate the run): 13 s
+    and builds and traces the model again (the driver has just done so to validate the run): ~11.5 s
     of a 16,000-image run on 2 cores, which the actor does not win back (benchmarks/RESULTS.md,
     `## extract`). What the actor gives and the driver does not: a replica killed mid-shard is
     restarted by Ray; in the driver the run stops, and the same command resumes at that shard."""
