@@ -208,8 +208,50 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
         channel.close()
 
 
+def needs_ray(cfg: Config, stages: list[str]) -> bool:
+    """Whether any of these stages uses Ray in this invocation.
+
+    Starting the embedded Ray and stopping it costs a run ~5.5 s on 2 cores (benchmarks/RESULTS.md,
+    `## extract`) and gives nothing to what runs in this process anyway: ingest (its shards one after
+    another here are as fast as two Ray tasks), extract on the CPU in one replica (`in_driver`),
+    index, analyze and report. Ray is for what needs other processes or machines: a cluster
+    (RAY_ADDRESS, or a job submitted with `ray job submit`), the kNN stage's actors, Ray Train, and
+    extraction on GPUs, in several replicas or asked for on Ray."""
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    if "knn" in stages or ("train" in stages and cfg.train_workers > 1):
+        return True
+    if "extract" in stages:
+        if cfg.extract_in == "ray" or (cfg.replicas or 1) > 1:
+            return True
+        if cfg.device != "cpu" and gpu_may_be_present():
+            return True
+    return False
+
+
+def gpu_may_be_present() -> bool:
+    """A GPU device node this process may use, without importing torch (which takes seconds)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    import glob
+
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/kfd")
+
+
+def ray_connected() -> bool:
+    if "ray" not in sys.modules:  # never imported: not connected (and no need to import it to say so)
+        return False
+    import ray
+
+    return ray.is_initialized()
+
+
 def ray_info() -> dict:
-    """Where this invocation ran (run.json "ray"): the cluster's address and size."""
+    """Where this invocation ran (run.json "ray"): the cluster's address and size; without Ray,
+    address None and this process's share of the machine."""
+    if not ray_connected():
+        return {"address": None, "nodes": 1, "cpus": len(os.sched_getaffinity(0)), "gpus": 0}
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -252,6 +294,7 @@ class Prepared:
         self.cfg = cfg
         self.module = module  # the nn.Module of an `object:` model (the Python API)
         self.stages = [s for s in STAGES if cfg.stages is None or s in cfg.stages]
+        self.uses_ray = True  # what the caller decides once the inputs are checked (needs_ray)
         if cfg.weights and not os.path.isfile(cfg.weights):
             raise UserError(f"weights file not found: {cfg.weights}")
         self.plan = ingest.plan(cfg.data, cfg.shard_size)
@@ -259,7 +302,7 @@ class Prepared:
         if on_inputs_checked:
             # the checks that need no torch passed; from here on (importing torch and torchvision,
             # building and tracing the model) it takes seconds, and the caller's work can go beside it
-            on_inputs_checked()
+            on_inputs_checked(self)
         from featscope.stages.layers import default_layers, resolve_layers, same_vectors, trace
         from featscope.stages.models import build_model, check_model_name, model_kind, preprocess_for, search_path
 
@@ -289,6 +332,7 @@ class Prepared:
                                 f"(under the same seed); make it deterministic or give --weights")
         if self.kind == "object":
             self.module = model  # the CPU copy (weights applied) is what the replicas get
+        if self.kind == "object" and self.uses_ray:  # without Ray the one replica takes the object as it is
             import ray.cloudpickle
 
             try:
@@ -359,7 +403,8 @@ def run_pipeline(cfg: Config, quiet: bool = False, module=None) -> dict:
     set_quiet(quiet)  # progress bars and notes on stderr; none in --format json
     prep = _prepare_run(cfg, module)  # raises UserError before any work
     run = prep.run
-    connect_ray()
+    if prep.uses_ray:
+        connect_ray()
     run.write_meta({**run.read_meta(), "ray": ray_info()})
     summary: dict = {"run": run.path}
     from featscope.stages import extract, ingest, train
@@ -381,6 +426,11 @@ def run_pipeline(cfg: Config, quiet: bool = False, module=None) -> dict:
                 f"({res['train_images']} train / {res['held_out_images']} held-out images, {res['seconds']} s)")
         elif stage == "extract":
             _require(run, stage, "ingest")
+            if not ray_connected() and cfg.device != "cpu":
+                import torch
+
+                if torch.cuda.is_available():  # a GPU that gpu_may_be_present did not see: Ray places the replicas
+                    connect_ray()
             res = extract.run(run, cfg, _model_spec(prep), len(prep.plan.shards), progress)
         else:
             # index, knn, analyze, report: each module exposes run(run_dir, cfg, progress) -> stats dict
@@ -403,7 +453,13 @@ def run_pipeline(cfg: Config, quiet: bool = False, module=None) -> dict:
 
 def _prepare_run(cfg: Config, module) -> Prepared:
     """Every check, then the run directory and its run.json: the embedded Ray starts beside the slow part."""
-    prep = Prepared(cfg, module, on_inputs_checked=start_ray_in_background)
+    def start_ray_if_needed(prep: Prepared) -> None:
+        # a Ray the caller has already connected (a notebook's ray.init, a test session) is used as it is
+        prep.uses_ray = needs_ray(cfg, prep.stages) or ray_connected()
+        if prep.uses_ray:
+            start_ray_in_background()
+
+    prep = Prepared(cfg, module, on_inputs_checked=start_ray_if_needed)
     if os.environ.get("RAY_ADDRESS"):
         import ray
 
@@ -454,9 +510,12 @@ def _model_spec(prep: Prepared) -> dict:
             "views": prep.views, "search_path": prep.search_path, "model_sha256": prep.model_sha256,
             "explain": prep.explain}
     if prep.module is not None:
-        import ray
+        if ray_connected():
+            import ray
 
-        spec["module_ref"] = ray.put(prep.module)  # every replica reads it from the object store
+            spec["module_ref"] = ray.put(prep.module)  # every replica reads it from the object store
+        else:
+            spec["module"] = prep.module  # the one replica runs in this process
     return spec
 
 

@@ -16,6 +16,7 @@ per-batch scheduling compete with the forward pass for the same two cores).
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -83,8 +84,8 @@ class ShardExtractor:
         self.run = RunDir(run_path)
         self.spec = spec
         cfg = spec["cfg"]
-        module = None
-        if spec.get("module_ref") is not None:  # an nn.Module object given to the Python API
+        module = spec.get("module")  # an nn.Module object given to the Python API, in this process
+        if spec.get("module_ref") is not None:  # the same, sent to Ray's workers through the object store
             import ray
 
             module = ray.get(spec["module_ref"])
@@ -345,13 +346,10 @@ class _Cfg:
 
 def run(run_dir: RunDir, cfg, spec: dict, n_shards: int, progress) -> dict:
     """Extract every images shard that has no extract stats yet; returns totals."""
-    import ray
-
     todo = [i for i in range(n_shards) if not run_dir.shard_done("extract", i)]
     if todo:
-        resources = ray.cluster_resources()
+        resources, nodes = _resources()
         gpus = int(resources.get("GPU", 0)) if cfg.device != "cpu" else 0
-        nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
         if gpus:
             replicas = cfg.replicas or gpus
             cpus = max(1, int(resources.get("CPU", 1)) // replicas)
@@ -381,6 +379,19 @@ def run(run_dir: RunDir, cfg, spec: dict, n_shards: int, progress) -> dict:
     stats = run_dir.read_stats("extract")
     return {"shards": len(stats), "redone": len(todo), "rows": sum(s["rows"] for s in stats),
             "errors": sum(s["errors"] for s in stats), "seconds": sum(s["seconds"] for s in stats)}
+
+
+def _resources() -> tuple[dict, list[dict]]:
+    """The cluster's resources and its live nodes with CPUs; without Ray (the runner did not need
+    it: one CPU replica in this process), this process's cores as the one node."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+            return ray.cluster_resources(), nodes
+    cpus = float(len(os.sched_getaffinity(0)))
+    return {"CPU": cpus}, [{"Alive": True, "Resources": {"CPU": cpus}}]
 
 
 def in_driver(extract_in: str, gpus: int, nodes: int, replicas: int) -> bool:

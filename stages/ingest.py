@@ -10,6 +10,7 @@ so the same dataset gets the same ids on every run and every machine.
 from __future__ import annotations
 
 import hashlib
+import sys
 import json
 import time
 from dataclasses import dataclass, field
@@ -273,15 +274,27 @@ def ingest_shard(run_path: str, index: int, shard: dict, max_pixels: int, min_si
     return stats
 
 
-def run(run: RunDir, cfg, plan_: Plan, progress) -> dict:
-    """Ingest every shard not yet done; returns totals. `progress` wraps an iterable of futures."""
-    import ray
+def run(run: RunDir, cfg, plan_: Plan, progress, on_ray: bool | None = None) -> dict:
+    """Ingest every shard not yet done; returns totals. `progress` wraps an iterable (of futures).
 
+    `on_ray` (default: whether this process is connected to Ray): the shards as Ray tasks, on every
+    node of a cluster; else one after another in this process. On one 2-core machine the two take
+    about the same time (16,000 PNGs in 4 shards: 1.5-2.6 s as tasks on 2 warm workers, 1.9-3.0 s
+    here; benchmarks/RESULTS.md, `## extract`), so the runner starts no Ray for ingest alone."""
     todo = [i for i in range(len(plan_.shards)) if not run.shard_done("ingest", i)]
-    task = ray.remote(num_cpus=1)(ingest_shard)
-    futures = [task.remote(run.path, i, plan_.shards[i], cfg.max_image_pixels, cfg.min_image_side) for i in todo]
-    for _ in progress(futures, "ingest", len(plan_.shards) - len(todo)):
-        pass
+    done = len(plan_.shards) - len(todo)
+    if on_ray is None:
+        on_ray = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    if on_ray:
+        import ray
+
+        task = ray.remote(num_cpus=1)(ingest_shard)
+        futures = [task.remote(run.path, i, plan_.shards[i], cfg.max_image_pixels, cfg.min_image_side) for i in todo]
+        for _ in progress(futures, "ingest", done):
+            pass
+    else:
+        for i in progress(todo, "ingest", done, len(plan_.shards)):
+            ingest_shard(run.path, i, plan_.shards[i], cfg.max_image_pixels, cfg.min_image_side)
     stats = run.read_stats("ingest")
     _check_unique_ids(run)
     return {"shards": len(stats), "redone": len(todo), "rows": sum(s["rows"] for s in stats),

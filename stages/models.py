@@ -208,7 +208,16 @@ def _build_model(name: str, weights: str | None, num_classes: int | None, module
         import copy
 
         # an object's copy on the CPU: tracing probes with CPU inputs, and workers may have no GPU
-        model = _from_factory(name, paths) if kind == "factory" else copy.deepcopy(module).cpu()
+        if kind == "factory":
+            model = _from_factory(name, paths)
+        else:
+            try:  # the run's own copy: the caller's object stays as it was given
+                model = copy.deepcopy(module).cpu()
+            except Exception as exc:  # noqa: BLE001 - whatever copying the user's class raises
+                raise UserError(f"the nn.Module {type(module).__name__} cannot be copied (deepcopy failed: "
+                                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                                f"give it without what cannot be copied (locks, open files), or pass "
+                                f"package.module:factory") from None
         # the user's network: its own head and input size; ImageNet statistics unless the config says
         # otherwise (image_size, resize, mean, std); a timm-made network brings its pretrained_cfg
         info = _info_from_cfg(name, getattr(model, "pretrained_cfg", None)) or \

@@ -53,8 +53,10 @@ def test_the_stale_address_is_what_ray_itself_would_use(stale_ray_tmpdir):
 
 def test_run_ignores_a_stale_cluster_address(stale_ray_tmpdir, tmp_path):
     out = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "featscope.cli", "run", *SMALL, "--out", str(out)], cwd=ROOT,
-                          env=_env(RAY_TMPDIR=stale_ray_tmpdir), capture_output=True, text=True, timeout=400)
+    # extraction on Ray: ingest, train and extract alone would start no Ray (tests/test_without_ray.py)
+    done = subprocess.run([sys.executable, "-m", "featscope.cli", "run", *SMALL, "--set", "extract_in=ray",
+                           "--out", str(out)], cwd=ROOT, env=_env(RAY_TMPDIR=stale_ray_tmpdir),
+                          capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (out / "stats" / "extract").is_dir()
     for line in NOISE:  # nor any of Ray's notes
@@ -142,8 +144,8 @@ def test_a_model_without_weights_is_said_once_not_once_per_replica(tmp_path):
     out = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "featscope.cli", "run", "--data", "builtin:shapes?n=24&size=32",
                            "--model", "resnet18", "--image-size", "32", "--stages", "ingest,extract",
-                           "--set", "perturb=[]", "--out", str(out)], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=400)
+                           "--set", "perturb=[]", "--set", "extract_in=ray", "--out", str(out)], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stderr.count("randomly initialised") == 1, done.stderr[-2000:]
     assert "UserWarning" not in done.stderr

@@ -16,9 +16,9 @@ def set_quiet(quiet: bool) -> None:
 
 def progress(items, desc: str, done: int = 0, total: int | None = None, unit: str = "shard"):
     """Yield from `items` (an iterable, or a list of Ray object refs completed as they finish)."""
-    import ray
+    if _object_refs(items):
+        import ray
 
-    if isinstance(items, list) and (not items or isinstance(items[0], ray.ObjectRef)):
         total = total if total is not None else done + len(items)
         bar = tqdm(total=total, initial=done, desc=desc, unit=unit, disable=QUIET, file=sys.stderr, leave=False)
         pending = list(items)
@@ -32,6 +32,14 @@ def progress(items, desc: str, done: int = 0, total: int | None = None, unit: st
     bar = tqdm(items, total=total, initial=done, desc=desc, unit=unit, disable=QUIET, file=sys.stderr, leave=False)
     yield from bar
     bar.close()
+
+
+def _object_refs(items) -> bool:
+    if not isinstance(items, list) or "ray" not in sys.modules:  # no refs without Ray imported
+        return False
+    import ray
+
+    return not items or isinstance(items[0], ray.ObjectRef)
 
 
 def say(*args) -> None:
