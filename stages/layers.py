@@ -4,8 +4,8 @@ The model is traced once with torchvision's `NodePathTracer` (node names such as
 `layer4.1.relu_1`, the names `get_graph_node_names` shows). We build the extractor
 ourselves rather than with `create_feature_extractor`, because that one silently drops a
 return node whose output name repeats and keeps in-place ops that overwrite a returned
-tensor; here every requested node is returned once, under its own name, and every
-`inplace` flag is switched off.
+tensor; here every requested node is returned once, under its own name, and an in-place op
+that would overwrite a returned tensor is made out-of-place (`_keep_returned_tensors`).
 
 Aliases:
 - `penultimate`: the input of the final `nn.Linear` (the classifier's input);
@@ -455,6 +455,80 @@ def resolve_layers(traced: Traced, specs: list[str]) -> list[Layer]:
     return list(layers.values())
 
 
+# ops whose output is a new tensor, never a view of an input: aliasing stops at them
+_FRESH_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+                  nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AvgPoolNd,
+                  nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._MaxPoolNd)
+_FRESH_FUNCTIONS = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.cat,
+                    F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d, F.linear, F.conv2d}
+
+
+def _in_place(n: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether the op writes into its first input (an `inplace` module or keyword, `+=`, `*=`)."""
+    if n.op == "call_module":  # a leaf module (timm's BatchNormAct2d, ...) may hold an in-place one inside
+        return any(getattr(m, "inplace", False) is True for m in gm.get_submodule(n.target).modules())
+    if n.op == "call_function":
+        return n.kwargs.get("inplace") is True or n.target in (operator.iadd, operator.imul)
+    return False
+
+
+def _fresh(n: fx.Node, gm: fx.GraphModule) -> bool:
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        return isinstance(m, _FRESH_MODULES) or (hasattr(m, "inplace") and m.inplace is False)
+    if n.op == "call_function":
+        return n.target in _FRESH_FUNCTIONS or n.kwargs.get("inplace") is False
+    return False
+
+
+def _keep_returned_tensors(gm: fx.GraphModule, returned: set) -> None:
+    """Make out-of-place the in-place ops that would overwrite a tensor the extractor returns
+    (densenet's F.relu(inplace=True) on features.norm5, a custom net's ReLU(inplace=True) after a
+    hooked layer), and only those: switching every ReLU of resnet18 out of place cost ~10% of
+    its forward on 2 cores (benchmarks/RESULTS.md, `## extract`).
+
+    An in-place op at node m overwrites a returned tensor when its first input shares storage
+    with a returned node computed before m: storage is followed through every op not known to
+    make a new tensor (views, in-place ops and whatever is unknown count as sharing)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    links: dict = {n: set() for n in order}
+    for n in order:
+        if not _fresh(n, gm):
+            for a in n.all_input_nodes:
+                links[n].add(a)
+                links[a].add(n)
+    for m in list(order):
+        if not _in_place(m, gm) or not m.args or not isinstance(m.args[0], fx.Node):
+            continue
+        seen, todo = {m.args[0]}, [m.args[0]]
+        while todo:  # the storage m writes to: its first input's sharing group, among nodes before m
+            n = todo.pop()
+            for b in links[n]:
+                if b not in seen and order[b] < order[m]:
+                    seen.add(b)
+                    todo.append(b)
+        if not seen & returned:
+            continue
+        if m.op == "call_function":
+            if m.target in (operator.iadd, operator.imul):
+                m.target = operator.add if m.target is operator.iadd else operator.mul
+            else:
+                m.kwargs = {**m.kwargs, "inplace": False}
+        elif getattr(gm.get_submodule(m.target), "inplace", None) is True:
+            # this call only (a module may be called at several nodes): its own out-of-place copy
+            import copy
+
+            own = copy.copy(gm.get_submodule(m.target))
+            own.inplace = False
+            name = m.target.replace(".", "_") + "_out_of_place"
+            gm.add_submodule(name, own)
+            m.target = name
+        else:  # in-place ops inside a leaf module: off for every call of it
+            for sub in gm.get_submodule(m.target).modules():
+                if getattr(sub, "inplace", None) is True:
+                    sub.inplace = False
+
+
 class FeatureExtractor(nn.Module):
     """Returns {node name: tensor} for the requested nodes plus the logits, in one forward."""
 
@@ -469,15 +543,7 @@ class FeatureExtractor(nn.Module):
                 graph.erase_node(n)
         with graph.inserting_after(list(graph.nodes)[-1]):
             graph.output(tuple(nodes))
-        for n in graph.nodes:
-            # an in-place op would overwrite a tensor we return (e.g. densenet's F.relu(inplace=True))
-            if n.kwargs.get("inplace"):
-                n.kwargs = {**n.kwargs, "inplace": False}
-            if n.op == "call_function" and n.target in (operator.iadd, operator.imul):
-                n.target = operator.add if n.target is operator.iadd else operator.mul
-        for m in gm.modules():
-            if isinstance(getattr(m, "inplace", None), bool):
-                m.inplace = False
+        _keep_returned_tensors(gm, set(nodes))
         graph.eliminate_dead_code()
         gm.recompile()
         self.gm, self.names = gm, wanted

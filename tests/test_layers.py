@@ -107,6 +107,86 @@ def test_inplace_ops_do_not_overwrite_returned_maps():
     torch.testing.assert_close(out["relu"], out["features.norm5"].clamp(min=0))
 
 
+class _Snapshot(torch.fx.Interpreter):
+    """torch.fx's own interpreter over an untouched trace (in-place ops as the model has them),
+    keeping a copy of each wanted node's output the moment it is computed: what it was then."""
+
+    def __init__(self, gm, wanted):
+        super().__init__(gm)
+        self.wanted, self.kept = wanted, {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n in self.wanted:
+            self.kept[self.wanted[n]] = out.clone()
+        return out
+
+
+def _as_computed(model, names, size=16):
+    traced = Traced(model, size)
+    snap = _Snapshot(traced.gm, {traced.find(name): name for name in names})
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        snap.run(x)
+    return x, snap.kept
+
+
+def _out_of_place_copies(ex) -> list[str]:
+    return [name for name, _ in ex.gm.named_children() if name.endswith("_out_of_place")]
+
+
+class _SharedReLU(torch.nn.Module):
+    """One in-place ReLU called twice: on a view of `a` (which overwrites a) and on b's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.act = torch.nn.ReLU(inplace=True)
+        self.pool, self.fc = torch.nn.AdaptiveAvgPool2d(1), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        v = self.act(h.view(h.shape))
+        g = self.act(self.b(v))
+        g += v
+        return self.fc(torch.flatten(self.pool(g), 1))
+
+
+@pytest.mark.parametrize("wanted, copies", [(["a"], ["act_out_of_place"]), (["b"], ["act_out_of_place"]),
+                                            (["pool"], [])])
+def test_only_the_in_place_ops_that_would_overwrite_a_returned_tensor_go_out_of_place(wanted, copies):
+    torch.manual_seed(0)
+    model = _SharedReLU().eval()
+    x, ref = _as_computed(model, wanted)
+    ex = FeatureExtractor(Traced(model, 16), wanted)
+    with torch.no_grad():
+        out = ex(x)
+    for name in wanted:
+        torch.testing.assert_close(out[name], ref[name], rtol=0, atol=0)
+    if wanted == ["a"]:
+        assert (out["a"] < 0).any()  # the premise: a's negatives, which the first ReLU call would zero
+    # the first call writes into a (returned in case 1) and, through b's input v, is before b;
+    # for b, the second call writes into b's output itself. `act` keeps its in-place calls elsewhere
+    assert sorted(set(_out_of_place_copies(ex))) == copies
+    assert ex.gm.get_submodule("act").inplace is True
+
+
+def test_resnet18_keeps_its_in_place_relus():
+    """Switching every ReLU out of place cost resnet18 ~10% of its forward on 2 cores; none of its
+    in-place ops writes into the conv map or the penultimate vector."""
+    names = ["layer4.1.relu_1", "flatten"]
+    model = _model("resnet18")
+    x, ref = _as_computed(model, names, 64)
+    ex = FeatureExtractor(Traced(model, 64), names)
+    with torch.no_grad():
+        out = ex(x)
+    for name in names:
+        torch.testing.assert_close(out[name], ref[name], rtol=0, atol=0)
+    assert _out_of_place_copies(ex) == []
+    in_place = sum(getattr(m, "inplace", False) is True for m in ex.gm.modules())
+    assert in_place == sum(getattr(m, "inplace", False) is True for m in model.modules()) == 9  # as torchvision builds it
+
+
 def test_unknown_layer_is_a_user_error():
     with pytest.raises(UserError, match="unknown layer 'layer9'"):
         resolve_layers(Traced(_model("resnet18"), 64), ["layer9"])
