@@ -475,8 +475,12 @@ def _in_place(n: fx.Node, gm: fx.GraphModule) -> bool:
 def _fresh(n: fx.Node, gm: fx.GraphModule) -> bool:
     if n.op == "call_module":
         m = gm.get_submodule(n.target)
+        if isinstance(m, nn.modules.dropout._DropoutNd):  # in eval mode it returns its input itself
+            return False
         return isinstance(m, _FRESH_MODULES) or (hasattr(m, "inplace") and m.inplace is False)
     if n.op == "call_function":
+        if n.target in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout):
+            return False
         return n.target in _FRESH_FUNCTIONS or n.kwargs.get("inplace") is False
     return False
 
