@@ -17,6 +17,7 @@ import warnings
 
 from featscope.core import catalog
 from featscope.core.config import STAGES, Config, UserError
+from featscope.core.cpus import usable_cpus
 from featscope.core.progress import progress, say
 from featscope.core.rundir import RunDir, exists, remove_stale_temporaries
 
@@ -149,7 +150,9 @@ def _init_ray(num_cpus: int | None) -> None:
     else:
         # "local": always a new embedded Ray; a bare ray.init() would attach to any cluster whose
         # address Ray left in its temp dir (another session's, or a dead one's it then waits on)
-        ray.init(address="local", num_cpus=num_cpus, **kwargs)
+        # num_cpus: this process's cores (affinity and cgroup quota); Ray's own count reads the
+        # quota but not a `taskset` affinity, and would start workers for cores it cannot use
+        ray.init(address="local", num_cpus=usable_cpus() if num_cpus is None else num_cpus, **kwargs)
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -251,7 +254,7 @@ def ray_info() -> dict:
     """Where this invocation ran (run.json "ray"): the cluster's address and size; without Ray,
     address None and this process's share of the machine."""
     if not ray_connected():
-        return {"address": None, "nodes": 1, "cpus": len(os.sched_getaffinity(0)), "gpus": 0}
+        return {"address": None, "nodes": 1, "cpus": usable_cpus(), "gpus": 0}
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]

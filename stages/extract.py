@@ -390,7 +390,9 @@ def _resources() -> tuple[dict, list[dict]]:
         if ray.is_initialized():
             nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
             return ray.cluster_resources(), nodes
-    cpus = float(len(os.sched_getaffinity(0)))
+    from featscope.core.cpus import usable_cpus
+
+    cpus = float(usable_cpus())  # a cgroup quota counts, as in Ray's own count
     return {"CPU": cpus}, [{"Alive": True, "Resources": {"CPU": cpus}}]
 
 
