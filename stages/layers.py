@@ -463,13 +463,34 @@ _FRESH_FUNCTIONS = {operator.add, operator.mul, operator.sub, operator.truediv, 
                     F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d, F.linear, F.conv2d}
 
 
+_IN_PLACE_OPERATORS = {operator.iadd: operator.add, operator.imul: operator.mul, operator.isub: operator.sub,
+                       operator.itruediv: operator.truediv}
+
+
 def _in_place(n: fx.Node, gm: fx.GraphModule) -> bool:
-    """Whether the op writes into its first input (an `inplace` module or keyword, `+=`, `*=`)."""
-    if n.op == "call_module":  # a leaf module (timm's BatchNormAct2d, ...) may hold an in-place one inside
-        return any(getattr(m, "inplace", False) is True for m in gm.get_submodule(n.target).modules())
+    """Whether the op writes into its first input: an `inplace` module or keyword, `+=`, `*=`, a
+    tensor method or torch function named with a trailing underscore (`x.relu_()`, `x.add_(y)`,
+    `torch.relu_(x)`), `x[i] = v`."""
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        if getattr(m, "inplace", None) is True:
+            return True
+        # a leaf module with children (torchvision's Conv2dNormActivation, timm's BatchNormAct2d):
+        # its first child reads the input (eval dropout and Identity hand it on); an in-place one
+        # later writes what an earlier one made
+        first = next((c for c in m.modules() if c is not m and not list(c.children())
+                      and not isinstance(c, (nn.modules.dropout._DropoutNd, nn.Identity))), None)
+        return getattr(first, "inplace", None) is True
+    if n.op == "call_method":
+        return _underscored(n.target)
     if n.op == "call_function":
-        return n.kwargs.get("inplace") is True or n.target in (operator.iadd, operator.imul)
+        return (n.kwargs.get("inplace") is True or n.target in _IN_PLACE_OPERATORS or n.target is operator.setitem
+                or _underscored(getattr(n.target, "__name__", "")))
     return False
+
+
+def _underscored(name: str) -> bool:
+    return name.endswith("_") and not name.startswith("_")
 
 
 def _fresh(n: fx.Node, gm: fx.GraphModule) -> bool:
@@ -493,7 +514,12 @@ def _keep_returned_tensors(gm: fx.GraphModule, returned: set) -> None:
 
     An in-place op at node m overwrites a returned tensor when its first input shares storage
     with a returned node computed before m: storage is followed through every op not known to
-    make a new tensor (views, in-place ops and whatever is unknown count as sharing)."""
+    make a new tensor (views, in-place ops and whatever is unknown count as sharing). In-place
+    means an `inplace=True` module or keyword, `+=`-style operators, `x[i] = v`, and any tensor
+    method or torch function whose name ends in one underscore (`relu_`, `add_`, `clamp_`)."""
+    # the input counts as returned: the caller's tensor stays as it was (LRP reads it again), and
+    # autograd refuses an in-place write into a leaf that requires grad (saliency's input)
+    returned = set(returned) | {n for n in gm.graph.nodes if n.op == "placeholder"}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     links: dict = {n: set() for n in order}
     for n in order:
@@ -501,6 +527,7 @@ def _keep_returned_tensors(gm: fx.GraphModule, returned: set) -> None:
             for a in n.all_input_nodes:
                 links[n].add(a)
                 links[a].add(n)
+    writers = []
     for m in list(order):
         if not _in_place(m, gm) or not m.args or not isinstance(m.args[0], fx.Node):
             continue
@@ -511,26 +538,55 @@ def _keep_returned_tensors(gm: fx.GraphModule, returned: set) -> None:
                 if b not in seen and order[b] < order[m]:
                     seen.add(b)
                     todo.append(b)
-        if not seen & returned:
-            continue
-        if m.op == "call_function":
-            if m.target in (operator.iadd, operator.imul):
-                m.target = operator.add if m.target is operator.iadd else operator.mul
-            else:
-                m.kwargs = {**m.kwargs, "inplace": False}
-        elif getattr(gm.get_submodule(m.target), "inplace", None) is True:
-            # this call only (a module may be called at several nodes): its own out-of-place copy
-            import copy
+        if seen & returned:
+            writers.append(m)
+    for m in writers:  # decided on the untouched graph, changed in graph order
+        _out_of_place(gm, m)
 
-            own = copy.copy(gm.get_submodule(m.target))
-            own.inplace = False
-            name = m.target.replace(".", "_") + "_out_of_place"
-            gm.add_submodule(name, own)
-            m.target = name
-        else:  # in-place ops inside a leaf module: off for every call of it
-            for sub in gm.get_submodule(m.target).modules():
-                if getattr(sub, "inplace", None) is True:
-                    sub.inplace = False
+
+def _out_of_place(gm: fx.GraphModule, m: fx.Node) -> None:
+    """Make the in-place op at m write a new tensor, and hand that tensor to the later nodes that
+    read the one m wrote into (`x.relu_()` as a statement, then `x + 1`), so the model computes
+    what it did; the output keeps the tensor as it was when computed. (A view of that tensor
+    taken before m and read after it would still see the old values: no such net is known.)"""
+    import copy
+
+    target = m.args[0]
+    if m.op == "call_function" and m.target in _IN_PLACE_OPERATORS:
+        m.target, holder = _IN_PLACE_OPERATORS[m.target], m
+    elif m.op == "call_function" and m.kwargs.get("inplace") is True:
+        m.kwargs, holder = {**m.kwargs, "inplace": False}, m
+    elif m.op == "call_module" and getattr(gm.get_submodule(m.target), "inplace", None) is True:
+        # this call only (a module may be called at several nodes): its own out-of-place copy
+        own = copy.copy(gm.get_submodule(m.target))
+        for attr, value in list(vars(own).items()):  # the same hooks, in dicts of its own
+            if "hooks" in attr and isinstance(value, dict):
+                setattr(own, attr, type(value)(value))
+        own.inplace = False
+        name = m.target.replace(".", "_") + "_out_of_place"
+        gm.add_submodule(name, own)
+        m.target, holder = name, m
+    elif m.op == "call_module":  # in-place ops inside a leaf module: off for every call of it
+        for sub in gm.get_submodule(m.target).modules():
+            if getattr(sub, "inplace", None) is True:
+                sub.inplace = False
+        return  # its output is not the tensor it wrote into: the later readers keep theirs
+    else:  # a method or function that has no out-of-place switch (add_, clamp_, setitem): it writes a copy
+        with gm.graph.inserting_before(m):
+            holder = gm.graph.call_method("clone", (target,))
+        m.args = (holder, *m.args[1:])
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for user in list(target.users):
+        if user is not holder and user.op != "output" and position[user] > position[m]:
+            user.replace_input_with(target, holder)
+
+
+def _drop_unused(gm: fx.GraphModule) -> None:
+    """torch.fx's eliminate_dead_code, but an in-place op whose result nobody reads stays: it
+    counts tensor methods as pure, so `h.relu_()` written as a statement would vanish."""
+    for n in reversed(list(gm.graph.nodes)):
+        if not n.users and not n.is_impure() and not _in_place(n, gm):
+            gm.graph.erase_node(n)
 
 
 class FeatureExtractor(nn.Module):
@@ -548,7 +604,7 @@ class FeatureExtractor(nn.Module):
         with graph.inserting_after(list(graph.nodes)[-1]):
             graph.output(tuple(nodes))
         _keep_returned_tensors(gm, set(nodes))
-        graph.eliminate_dead_code()
+        _drop_unused(gm)
         gm.recompile()
         self.gm, self.names = gm, wanted
 

@@ -127,7 +127,7 @@ def _as_computed(model, names, size=16):
     snap = _Snapshot(traced.gm, {traced.find(name): name for name in names})
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        snap.run(x)
+        snap.run(x.clone())  # (a model may write into its input)
     return x, snap.kept
 
 
@@ -193,6 +193,57 @@ def test_an_in_place_op_after_eval_dropout_does_not_overwrite_a_returned_tensor(
         out = ex(x)
     assert (ref["fc"] < 0).any()  # the premise: negatives the ReLU would zero
     torch.testing.assert_close(out["fc"], ref["fc"], rtol=0, atol=0)
+
+
+class _InPlaceStatements(torch.nn.Module):
+    """In-place tensor methods and torch functions, some as statements whose result is unused:
+    the model reads the tensor they wrote into (`h.relu_()`, then `h + t`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.pool, self.fc = torch.nn.AdaptiveAvgPool2d(1), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        x.mul_(2.0)  # on the input itself
+        h = self.a(x)
+        h.relu_()
+        t = torch.relu_(self.b(h))
+        y = h + t
+        y.add_(1.0)
+        y.clamp_(max=2.0)
+        return self.fc(torch.flatten(self.pool(y), 1))
+
+
+@pytest.mark.parametrize("wanted", [["a"], ["b"], ["add"], ["a", "b", "add"]])
+def test_in_place_methods_and_functions_do_not_overwrite_returned_tensors(wanted):
+    torch.manual_seed(0)
+    model = _InPlaceStatements().eval()
+    x, ref = _as_computed(model, wanted)
+    ex = FeatureExtractor(Traced(model, 16), wanted)
+    x_before = x.clone()
+    with torch.no_grad():
+        out = ex(x)
+        logits = model(x_before.clone())  # the model as written (it doubles its own input copy)
+    for name in wanted:
+        assert (ref[name] < 0).any() or name == "add"  # the premise: negatives a relu_ would zero
+        torch.testing.assert_close(out[name], ref[name], rtol=0, atol=0)
+    # what the model computes is unchanged, and the caller's input is left as it was
+    torch.testing.assert_close(out[ex.logits_name], logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x, x_before, rtol=0, atol=0)
+
+
+def test_saliency_through_an_in_place_op_on_the_input():
+    # autograd refuses an in-place write into a leaf that requires grad: the extractor's input
+    # gets a copy instead, and the gradient is the model's
+    torch.manual_seed(0)
+    model = _InPlaceStatements().eval()
+    ex = FeatureExtractor(Traced(model, 16), ["a"])
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    grad, = torch.autograd.grad(ex(x)[ex.logits_name][:, 0].sum(), x)
+    x2 = x.detach().clone().requires_grad_(True)
+    ref, = torch.autograd.grad(model(x2.clone())[:, 0].sum(), x2)
+    torch.testing.assert_close(grad, ref)
 
 
 def test_resnet18_keeps_its_in_place_relus():
