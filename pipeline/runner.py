@@ -335,15 +335,8 @@ class Prepared:
                                 f"(under the same seed); make it deterministic or give --weights")
         if self.kind == "object":
             self.module = model  # the CPU copy (weights applied) is what the replicas get
-        if self.kind == "object" and self.uses_ray:  # without Ray the one replica takes the object as it is
-            import ray.cloudpickle
-
-            try:
-                ray.cloudpickle.dumps(model)
-            except Exception as exc:  # noqa: BLE001 - whatever pickling the user's class raises
-                raise UserError(f"the nn.Module {type(model).__name__} cannot be sent to Ray workers "
-                                f"(pickling failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                                f"define it in an importable module and pass package.module:factory") from None
+        if self.uses_ray:  # without Ray the one replica takes the object as it is
+            self.check_sendable()
         self.info = info
         self.pre = preprocess_for(cfg, info)
         traced = trace(model, self.pre.image_size)
@@ -374,6 +367,20 @@ class Prepared:
             say(f"note: layers {a} and {b} are the same vectors for this network ({why}): every figure comes "
                 f"out twice{hint}")
 
+
+    def check_sendable(self) -> None:
+        """An `object:` module goes to Ray workers pickled: one clear line when it cannot be."""
+        if self.kind != "object":
+            return
+        import ray.cloudpickle
+
+        model = self.module
+        try:
+            ray.cloudpickle.dumps(model)
+        except Exception as exc:  # noqa: BLE001 - whatever pickling the user's class raises
+            raise UserError(f"the nn.Module {type(model).__name__} cannot be sent to Ray workers "
+                            f"(pickling failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                            f"define it in an importable module and pass package.module:factory") from None
     def fingerprint(self) -> str:
         keys = {k: getattr(self.cfg, k) for k in _FINGERPRINT_KEYS}
         keys["dataset"] = self.plan.fingerprint
@@ -433,7 +440,9 @@ def run_pipeline(cfg: Config, quiet: bool = False, module=None) -> dict:
                 import torch
 
                 if torch.cuda.is_available():  # a GPU that gpu_may_be_present did not see: Ray places the replicas
+                    prep.check_sendable()
                     connect_ray()
+                    run.write_meta({**run.read_meta(), "ray": ray_info()})
             res = extract.run(run, cfg, _model_spec(prep), len(prep.plan.shards), progress)
         else:
             # index, knn, analyze, report: each module exposes run(run_dir, cfg, progress) -> stats dict

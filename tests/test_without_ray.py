@@ -163,3 +163,48 @@ def test_a_module_that_cannot_be_copied_is_one_clear_error(tmp_path):
         featscope.run(DATA, LockedNet(), out=str(tmp_path / "run"), stages=["ingest", "extract"], perturb=[],
                       image_size=32, quiet=True)
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+class _NoPickle:
+    def __deepcopy__(self, memo):
+        return _NoPickle()
+
+    def __reduce__(self):
+        raise TypeError("this object stays in its process")
+
+
+class UnpicklableNet(SmallNet):
+    """Copies, but cannot be pickled for Ray's workers."""
+
+    def __init__(self):
+        super().__init__()
+        self.handle = _NoPickle()
+
+
+_LATE_GPU = """
+import sys, torch
+torch.cuda.is_available = lambda: True  # a GPU the device-node probe did not see
+from featscope.pipeline import runner
+runner.gpu_may_be_present = lambda: False
+from featscope.core.config import UserError
+from tests.test_without_ray import UnpicklableNet
+import featscope
+try:
+    featscope.run("%s", UnpicklableNet(), out=sys.argv[1], stages=["ingest", "extract"], perturb=[], image_size=32,
+                  quiet=True)
+except UserError as exc:
+    print("UserError:", exc)
+""" % DATA
+
+
+def test_a_gpu_found_late_still_checks_that_the_module_can_go_to_ray(tmp_path):
+    """The runner connects Ray before extract when torch finds a GPU the probe missed; the module
+    must then pass the same pickling check as when Ray was planned from the start."""
+    temp = tempfile.mkdtemp(prefix="ra", dir="/tmp")
+    try:
+        done = subprocess.run([sys.executable, "-c", _LATE_GPU, str(tmp_path / "run")], cwd=ROOT,
+                              env=_env(RAY_TMPDIR=temp), capture_output=True, text=True, timeout=400)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "UserError: the nn.Module UnpicklableNet cannot be sent to Ray workers" in done.stdout, done.stdout
