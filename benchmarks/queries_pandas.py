@@ -84,7 +84,10 @@ def pandas_suite(path: str, sample: dict) -> dict:
     d = pd.DataFrame({"layer": deep["layer"].to_numpy(), "query_id": deep["query_id"].to_numpy(),
                       "rank": deep["rank"].to_numpy()})
     d["label"] = label[index.get_indexer(d["query_id"].to_numpy())]
-    d["hit"] = label[index.get_indexer(deep["neighbor_id"].to_numpy())] == d["label"]
+    if "hit" in deep.columns:  # as the analyze stage stores it
+        d["hit"] = deep["hit"].to_numpy()
+    else:
+        d["hit"] = label[index.get_indexer(deep["neighbor_id"].to_numpy())] == d["label"]
     d = d[d["rank"].to_numpy() < sizes.reindex(d["label"].to_numpy()).to_numpy()]
     d = d.sort_values(["layer", "query_id", "rank"])
     d["prec"] = np.where(d["hit"], d.groupby(["layer", "query_id"])["hit"].cumsum() / d["rank"], 0.0)

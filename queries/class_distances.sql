@@ -136,7 +136,7 @@ WITH
 numbered AS (SELECT * FROM class_distances_numbered),
 total AS (SELECT any_value(n) AS n FROM numbered),
 layer_vectors AS (SELECT * FROM class_distances_vectors),
-all_pairs AS (SELECT * FROM results_class_distances_pairs),
+all_pairs AS NOT MATERIALIZED (SELECT * FROM results_class_distances_pairs),  -- read twice: no copy
 blocks AS (SELECT layer, scope, blk FROM results_class_distances_blocks),
 
 -- ROC-AUC by Mann-Whitney: with the pairs of a block sorted by distance, a pair's average rank

@@ -131,34 +131,28 @@ class_sizes AS (
     WHERE p.view = 'orig'
     GROUP BY l.label
 ),
--- every searched query's neighbours, hit = same label
-deep AS (
-    SELECT d.layer, d.query_id, q.label, d.rank, nb.label = q.label AS hit
-    FROM knn_deep d
-    JOIN labels q ON q.image_id = d.query_id
-    JOIN labels nb ON nb.image_id = d.neighbor_id
-    WHERE getvariable('layer') IS NULL OR d.layer = getvariable('layer')
-),
--- per query: R = class size - 1, or fewer when knn_deep stops earlier (it lists ranks 1, 2, ...
--- without gaps), and the ranks of the hits within R; the j-th hit, at rank i, adds
--- precision@i = j / i to MAP@R. (Class sizes join the ~10,000 per-query rows, not the 10M deep
--- edges: joined there, the planner expects a few thousand rows and builds its hash table on the
--- edges.)
+-- per searched query: how deep knn_deep goes and the ranks of its hits (hit: the neighbour
+-- carries the query's label, stored by the analyze stage); then R = class size - 1, or fewer
+-- when knn_deep stops earlier (it lists ranks 1, 2, ... without gaps), and the ranks of the hits
+-- within R; the j-th hit, at rank i, adds precision@i = j / i to MAP@R. (Labels and class sizes
+-- join the ~10,000 per-query rows, not the 10M deep edges.)
 deep_per_query AS (
     SELECT layer, query_id, label,
         coalesce(hit_ranks[1] = 1, false)::INTEGER AS precision_at_1,
         len(hit_ranks) / r AS r_precision,
         coalesce(list_sum(list_transform(hit_ranks, lambda i, j: j / i)), 0) / r AS map_at_r
     FROM (
-        SELECT q.layer, q.query_id, q.label, least(q.depth, cs.size - 1) AS r,
+        SELECT q.layer, q.query_id, l.label, least(q.depth, cs.size - 1) AS r,
             list_filter(q.hit_ranks, lambda i: i < cs.size) AS hit_ranks
         FROM (
-            SELECT layer, query_id, label, count(*) AS depth,
+            SELECT layer, query_id, count(*) AS depth,
                 list_sort(coalesce(list(rank) FILTER (WHERE hit), [])) AS hit_ranks
-            FROM deep
-            GROUP BY layer, query_id, label
+            FROM knn_deep
+            WHERE getvariable('layer') IS NULL OR layer = getvariable('layer')
+            GROUP BY layer, query_id
         ) q
-        JOIN class_sizes cs ON cs.label = q.label
+        JOIN labels l ON l.image_id = q.query_id
+        JOIN class_sizes cs ON cs.label = l.label
     )
     WHERE r > 0  -- alone in its class
 ),

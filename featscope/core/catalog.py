@@ -30,7 +30,7 @@ _EMPTY = {
     "knn": "SELECT NULL::VARCHAR AS layer, NULL::BIGINT AS query_id, NULL::INTEGER AS rank, "
            "NULL::BIGINT AS neighbor_id, NULL::FLOAT AS distance",
     "knn_deep": "SELECT NULL::VARCHAR AS layer, NULL::BIGINT AS query_id, NULL::INTEGER AS rank, "
-                "NULL::BIGINT AS neighbor_id, NULL::FLOAT AS distance",
+                "NULL::BIGINT AS neighbor_id, NULL::FLOAT AS distance, NULL::BOOLEAN AS hit",
     "index_layers": "SELECT NULL::VARCHAR AS layer, NULL::VARCHAR AS features, NULL::VARCHAR AS metric, "
                     "NULL::VARCHAR AS pooling, NULL::INTEGER AS dim",
     "errors": "SELECT NULL::VARCHAR AS uri, NULL::VARCHAR AS stage, NULL::VARCHAR AS error, NULL::VARCHAR AS message",
@@ -64,6 +64,17 @@ def view_name(layer: str) -> str:
 
 def _glob(run: RunDir, *parts: str) -> str | None:
     return _lit(join(run.p(*parts), "*.parquet")) if run.parquet_files(*parts) else None
+
+
+def _deep_select(run: RunDir, layer: str) -> str:
+    """One layer's knn_deep rows; hit (the neighbour carries the query's label) as the analyze
+    stage stored it, or, in files written before it stored one, from the images' labels."""
+    g = _glob(run, "knn_deep", layer_dir(layer))
+    if "hit" in read_schema(sorted(run.parquet_files("knn_deep", layer_dir(layer)))[0]).names:
+        return f"SELECT layer, query_id, rank, neighbor_id, distance, hit FROM read_parquet({g})"
+    return (f"SELECT d.layer, d.query_id, d.rank, d.neighbor_id, d.distance, nb.label = q.label AS hit "
+            f"FROM read_parquet({g}) d JOIN images q ON q.image_id = d.query_id "
+            f"JOIN images nb ON nb.image_id = d.neighbor_id")
 
 
 def catalog_sql(run: RunDir) -> str:
@@ -127,9 +138,7 @@ def catalog_sql(run: RunDir) -> str:
         for k in knn_layers) or None)
     # the deep search of the analyze stage (precision@1, R-precision, MAP@R need R = class size - 1 neighbours)
     deep_layers = [k["name"] for k in meta.get("index_layers", []) if run.parquet_files("knn_deep", layer_dir(k["name"]))]
-    view("knn_deep", " UNION ALL ".join(
-        f"SELECT layer, query_id, rank, neighbor_id, distance FROM read_parquet({_glob(run, 'knn_deep', layer_dir(k))})"
-        for k in deep_layers) or None)
+    view("knn_deep", " UNION ALL ".join(_deep_select(run, k) for k in deep_layers) or None)
     # index layers: one vector set x one metric, the `layer` value of knn and of every measure
     dims = {l["name"]: (l["pooling"], l["dim"]) for l in layers}
     rows = ", ".join(f"({_lit(k['name'])}, {_lit(k['features'])}, {_lit(k['metric'])}, "
