@@ -211,7 +211,7 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
         channel.close()
 
 
-def needs_ray(cfg: Config, stages: list[str]) -> bool:
+def needs_ray(cfg: Config, stages: list[str], trains: bool = True) -> bool:
     """Whether any of these stages uses Ray in this invocation.
 
     Starting the embedded Ray and stopping it costs a run ~5.5 s on 2 cores (benchmarks/RESULTS.md,
@@ -219,10 +219,11 @@ def needs_ray(cfg: Config, stages: list[str]) -> bool:
     another here are as fast as two Ray tasks), extract on the CPU in one replica (`in_driver`),
     index, analyze and report. Ray is for what needs other processes or machines: a cluster
     (RAY_ADDRESS, or a job submitted with `ray job submit`), the kNN stage's actors, Ray Train, and
-    extraction on GPUs, in several replicas or asked for on Ray."""
+    extraction on GPUs, in several replicas or asked for on Ray. `trains`: whether the train stage
+    would train at all (only the built-in CNN without weights does)."""
     if os.environ.get("RAY_ADDRESS"):
         return True
-    if "knn" in stages or ("train" in stages and cfg.train_workers > 1):
+    if "knn" in stages or ("train" in stages and trains and cfg.train_workers > 1):
         return True
     if "extract" in stages:
         if cfg.extract_in == "ray" or (cfg.replicas or 1) > 1:
@@ -234,12 +235,15 @@ def needs_ray(cfg: Config, stages: list[str]) -> bool:
 
 def gpu_may_be_present() -> bool:
     """A GPU device node this process may use, without importing torch (which takes seconds)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return False
     import glob
 
-    return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/kfd")
+    def hidden(*names: str) -> bool:
+        return any(os.environ.get(n) is not None and os.environ[n].strip() in ("", "-1") for n in names)
+
+    nvidia = bool(glob.glob("/dev/nvidia[0-9]*")) and not hidden("CUDA_VISIBLE_DEVICES")
+    amd = os.path.exists("/dev/kfd") and not hidden("HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
+                                                    "CUDA_VISIBLE_DEVICES")  # ROCm torch reads all three
+    return nvidia or amd
 
 
 def ray_connected() -> bool:
@@ -302,6 +306,8 @@ class Prepared:
             raise UserError(f"weights file not found: {cfg.weights}")
         self.plan = ingest.plan(cfg.data, cfg.shard_size)
         self.classes = self.plan.classes
+        # the built-in CNN without weights is trained on the spot (the embedded default)
+        self.needs_training = cfg.model == "smallcnn" and not cfg.weights and cfg.train_epochs > 0
         if on_inputs_checked:
             # the checks that need no torch passed; from here on (importing torch and torchvision,
             # building and tracing the model) it takes seconds, and the caller's work can go beside it
@@ -312,8 +318,6 @@ class Prepared:
         self.kind = model_kind(cfg.model)
         self.search_path = search_path() if self.kind == "factory" else []
         check_model_name(cfg.model, module)
-        # the built-in CNN without weights is trained on the spot (the embedded default)
-        self.needs_training = cfg.model == "smallcnn" and not cfg.weights and cfg.train_epochs > 0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model, info = build_model(cfg.model, cfg.weights, cfg.num_classes or len(self.classes), module,
@@ -467,7 +471,7 @@ def _prepare_run(cfg: Config, module) -> Prepared:
     """Every check, then the run directory and its run.json: the embedded Ray starts beside the slow part."""
     def start_ray_if_needed(prep: Prepared) -> None:
         # a Ray the caller has already connected (a notebook's ray.init, a test session) is used as it is
-        prep.uses_ray = needs_ray(cfg, prep.stages) or ray_connected()
+        prep.uses_ray = needs_ray(cfg, prep.stages, prep.needs_training) or ray_connected()
         if prep.uses_ray:
             start_ray_in_background()
 

@@ -45,6 +45,18 @@ def test_needs_ray_only_for_stages_that_use_it(no_cluster, monkeypatch):
     assert runner.needs_ray(cfg, ["ingest", "extract", "knn"])  # the kNN stage's actors
     assert runner.needs_ray(_cfg(train_workers=2), ["train"])  # Ray Train
     assert not runner.needs_ray(_cfg(train_workers=2), ["ingest", "extract"])
+    assert not runner.needs_ray(_cfg(train_workers=2), ["train"], trains=False)  # a model with weights
+
+    class Checked(Exception):
+        pass
+
+    def stop(prep):  # the runner's callback sees whether training will run
+        raise Checked(prep.needs_training)
+
+    for model, trains in (("smallcnn", True), ("resnet18", False)):
+        with pytest.raises(Checked) as info:
+            runner.Prepared(_cfg(model=model), on_inputs_checked=stop)
+        assert info.value.args == (trains,)
     assert runner.needs_ray(_cfg(extract_in="ray"), ["extract"])
     assert runner.needs_ray(_cfg(replicas=2), ["extract"])
     assert not runner.needs_ray(_cfg(extract_in="ray"), ["ingest", "index"])
@@ -59,6 +71,21 @@ def test_hidden_gpus_are_no_gpus(monkeypatch):
     for hidden in ("", "-1"):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
         assert not runner.gpu_may_be_present()
+
+
+def test_hidden_amd_gpus_are_no_gpus(monkeypatch):
+    import glob
+
+    real_exists = os.path.exists
+    monkeypatch.setattr(glob, "glob", lambda pattern: [])  # no NVIDIA device node
+    monkeypatch.setattr(os.path, "exists", lambda p: p == "/dev/kfd" or real_exists(p))  # ROCm's
+    for name in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"):
+        monkeypatch.delenv(name, raising=False)
+    assert runner.gpu_may_be_present()
+    for name in ("HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"):
+        monkeypatch.setenv(name, "-1")
+        assert not runner.gpu_may_be_present()
+        monkeypatch.delenv(name)
 
 
 def test_ingest_in_this_process_writes_what_ray_tasks_write(ray_session, tmp_path):
