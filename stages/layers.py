@@ -470,22 +470,24 @@ _IN_PLACE_OPERATORS = {operator.iadd: operator.add, operator.imul: operator.mul,
 def _in_place(n: fx.Node, gm: fx.GraphModule) -> bool:
     """Whether the op writes into its first input: an `inplace` module or keyword, `+=`, `*=`, a
     tensor method or torch function named with a trailing underscore (`x.relu_()`, `x.add_(y)`,
-    `torch.relu_(x)`), `x[i] = v`."""
+    `torch.relu_(x)`; not Python's `operator.and_`, which is `a & b`)."""
     if n.op == "call_module":
         m = gm.get_submodule(n.target)
         if getattr(m, "inplace", None) is True:
             return True
-        # a leaf module with children (torchvision's Conv2dNormActivation, timm's BatchNormAct2d):
-        # its first child reads the input (eval dropout and Identity hand it on); an in-place one
-        # later writes what an earlier one made
+        if isinstance(m, _FRESH_MODULES):  # timm's BatchNormAct2d: the norm reads the input, its act writes the norm's output
+            return False
+        # another leaf module with children: its first child reads the input (eval dropout and
+        # Identity hand it on); an in-place one later writes what an earlier one made
         first = next((c for c in m.modules() if c is not m and not list(c.children())
                       and not isinstance(c, (nn.modules.dropout._DropoutNd, nn.Identity))), None)
         return getattr(first, "inplace", None) is True
     if n.op == "call_method":
         return _underscored(n.target)
     if n.op == "call_function":
-        return (n.kwargs.get("inplace") is True or n.target in _IN_PLACE_OPERATORS or n.target is operator.setitem
-                or _underscored(getattr(n.target, "__name__", "")))
+        return (n.kwargs.get("inplace") is True or n.target in _IN_PLACE_OPERATORS
+                or (getattr(n.target, "__module__", None) not in ("_operator", "operator")
+                    and _underscored(getattr(n.target, "__name__", ""))))
     return False
 
 
@@ -506,6 +508,30 @@ def _fresh(n: fx.Node, gm: fx.GraphModule) -> bool:
     return False
 
 
+def _sharing(gm: fx.GraphModule) -> tuple[dict, dict]:
+    """Graph position of each node, and which nodes may share storage with which (the links of
+    every op not known to make a new tensor: views, in-place ops and whatever is unknown)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    links: dict = {n: set() for n in order}
+    for n in order:
+        if not _fresh(n, gm):
+            for a in n.all_input_nodes:
+                links[n].add(a)
+                links[a].add(n)
+    return order, links
+
+
+def _group(start: fx.Node, links: dict, keep) -> set:
+    seen, todo = {start}, [start]
+    while todo:
+        n = todo.pop()
+        for b in links[n]:
+            if b not in seen and keep(b):
+                seen.add(b)
+                todo.append(b)
+    return seen
+
+
 def _keep_returned_tensors(gm: fx.GraphModule, returned: set) -> None:
     """Make out-of-place the in-place ops that would overwrite a tensor the extractor returns
     (densenet's F.relu(inplace=True) on features.norm5, a custom net's ReLU(inplace=True) after a
@@ -515,40 +541,57 @@ def _keep_returned_tensors(gm: fx.GraphModule, returned: set) -> None:
     An in-place op at node m overwrites a returned tensor when its first input shares storage
     with a returned node computed before m: storage is followed through every op not known to
     make a new tensor (views, in-place ops and whatever is unknown count as sharing). In-place
-    means an `inplace=True` module or keyword, `+=`-style operators, `x[i] = v`, and any tensor
-    method or torch function whose name ends in one underscore (`relu_`, `add_`, `clamp_`)."""
-    # the input counts as returned: the caller's tensor stays as it was (LRP reads it again), and
-    # autograd refuses an in-place write into a leaf that requires grad (saliency's input)
-    returned = set(returned) | {n for n in gm.graph.nodes if n.op == "placeholder"}
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    links: dict = {n: set() for n in order}
-    for n in order:
-        if not _fresh(n, gm):
-            for a in n.all_input_nodes:
-                links[n].add(a)
-                links[a].add(n)
-    writers = []
+    means an `inplace=True` module or keyword, `+=`-style operators, and any tensor method or
+    torch function whose name ends in one underscore (`relu_`, `add_`, `clamp_`).
+
+    The model's input is never written: when an in-place op would write into it, the graph starts
+    from a copy of it (the caller's tensor stays as it was, LRP reads it again, and autograd
+    refuses an in-place write into a leaf that requires grad: saliency's input)."""
+    order, links = _sharing(gm)
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    writers, copy_inputs = [], set()
     for m in list(order):
         if not _in_place(m, gm) or not m.args or not isinstance(m.args[0], fx.Node):
             continue
-        seen, todo = {m.args[0]}, [m.args[0]]
-        while todo:  # the storage m writes to: its first input's sharing group, among nodes before m
-            n = todo.pop()
-            for b in links[n]:
-                if b not in seen and order[b] < order[m]:
-                    seen.add(b)
-                    todo.append(b)
+        seen = _group(m.args[0], links, lambda b: order[b] < order[m])  # the storage m writes to
+        copy_inputs |= seen & set(inputs)
         if seen & returned:
-            writers.append(m)
-    for m in writers:  # decided on the untouched graph, changed in graph order
-        _out_of_place(gm, m)
+            writers.append((m, seen))
+    for x in copy_inputs:
+        with gm.graph.inserting_after(x):
+            own = gm.graph.call_method("clone", (x,))
+        x.replace_all_uses_with(own, delete_user_cb=lambda user: user is not own)
+    holders: set = set()  # the new tensors made below: writing into one of them is harmless
+    for m, seen in writers:  # decided on the untouched graph, changed in graph order
+        if m.args[0] in holders:
+            continue
+        position = {n: i for i, n in enumerate(gm.graph.nodes)}
+        read_later = any(u.op != "output" and position[u] > position[m]
+                         for n in seen - {m.args[0]} for u in n.users if u is not m)
+        if read_later:
+            _keep_copies(gm, m, seen & returned)
+        else:
+            holders.add(_out_of_place(gm, m))
 
 
-def _out_of_place(gm: fx.GraphModule, m: fx.Node) -> None:
+def _keep_copies(gm: fx.GraphModule, m: fx.Node, hit: set) -> None:
+    """The model reads the written storage again through another node (`v = h.view(...)`,
+    `v.relu_()`, then `h + 1`): m stays in place, so the model computes what it did, and the
+    extractor returns copies of the returned tensors it would overwrite, taken when they were
+    computed. (Such a copy is not on the path to the logits: Grad-CAM cannot differentiate
+    through it; no such net is known.)"""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    for r in hit:
+        with gm.graph.inserting_after(r):
+            kept = gm.graph.call_method("clone", (r,))
+        out.replace_input_with(r, kept)
+
+
+def _out_of_place(gm: fx.GraphModule, m: fx.Node) -> fx.Node | None:
     """Make the in-place op at m write a new tensor, and hand that tensor to the later nodes that
     read the one m wrote into (`x.relu_()` as a statement, then `x + 1`), so the model computes
-    what it did; the output keeps the tensor as it was when computed. (A view of that tensor
-    taken before m and read after it would still see the old values: no such net is known.)"""
+    what it did; the output keeps the tensor as it was when computed. Returns the node that holds
+    the new tensor."""
     import copy
 
     target = m.args[0]
@@ -570,8 +613,8 @@ def _out_of_place(gm: fx.GraphModule, m: fx.Node) -> None:
         for sub in gm.get_submodule(m.target).modules():
             if getattr(sub, "inplace", None) is True:
                 sub.inplace = False
-        return  # its output is not the tensor it wrote into: the later readers keep theirs
-    else:  # a method or function that has no out-of-place switch (add_, clamp_, setitem): it writes a copy
+        return None  # its output is not the tensor it wrote into: the later readers keep theirs
+    else:  # a method or function that has no out-of-place switch (add_, clamp_): it writes a copy
         with gm.graph.inserting_before(m):
             holder = gm.graph.call_method("clone", (target,))
         m.args = (holder, *m.args[1:])
@@ -579,14 +622,29 @@ def _out_of_place(gm: fx.GraphModule, m: fx.Node) -> None:
     for user in list(target.users):
         if user is not holder and user.op != "output" and position[user] > position[m]:
             user.replace_input_with(target, holder)
+    return holder
 
 
 def _drop_unused(gm: fx.GraphModule) -> None:
-    """torch.fx's eliminate_dead_code, but an in-place op whose result nobody reads stays: it
-    counts tensor methods as pure, so `h.relu_()` written as a statement would vanish."""
-    for n in reversed(list(gm.graph.nodes)):
-        if not n.users and not n.is_impure() and not _in_place(n, gm):
+    """torch.fx's eliminate_dead_code, but an in-place op whose result nobody reads stays while
+    a later node reads the storage it wrote (torch.fx counts tensor methods as pure, so
+    `h.relu_()` written as a statement would vanish); one at the end of what is returned goes."""
+    changed = True
+    while changed:
+        changed = False
+        order, links = _sharing(gm)
+        for n in reversed(list(gm.graph.nodes)):
+            if n.users or n.is_impure():
+                continue
+            if _in_place(n, gm) and n.args and isinstance(n.args[0], fx.Node):
+                group = _group(n.args[0], links, lambda b: b is not n)
+                if any(order[u] > order[n] for g in group for u in g.users if u is not n):
+                    continue
             gm.graph.erase_node(n)
+            links.pop(n, None)
+            for other in links.values():
+                other.discard(n)
+            changed = True
 
 
 class FeatureExtractor(nn.Module):

@@ -1,6 +1,7 @@
 """Layer aliases for each torchvision family (random weights), CAM exactness, node de-duplication."""
 from __future__ import annotations
 
+import operator
 import warnings
 
 import pytest
@@ -244,6 +245,74 @@ def test_saliency_through_an_in_place_op_on_the_input():
     x2 = x.detach().clone().requires_grad_(True)
     ref, = torch.autograd.grad(model(x2.clone())[:, 0].sum(), x2)
     torch.testing.assert_close(grad, ref)
+
+
+class _WriteThroughView(torch.nn.Module):
+    """An in-place ReLU through a view of `a`, and the model then reads `a` itself: making that
+    ReLU out of place would change what the model computes."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.pool, self.fc = torch.nn.AdaptiveAvgPool2d(1), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        v = h.view(h.shape)
+        v.relu_()
+        return self.fc(torch.flatten(self.pool(h + 1.0), 1))
+
+
+def test_a_write_through_a_view_read_back_through_its_base_keeps_model_and_returned_tensor():
+    torch.manual_seed(0)
+    model = _WriteThroughView().eval()
+    x, ref = _as_computed(model, ["a"])
+    ex = FeatureExtractor(Traced(model, 16), ["a"])
+    with torch.no_grad():
+        out = ex(x)
+        logits = model(x.clone())
+    assert (ref["a"] < 0).any()
+    torch.testing.assert_close(out["a"], ref["a"], rtol=0, atol=0)
+    torch.testing.assert_close(out[ex.logits_name], logits, rtol=1e-6, atol=1e-6)
+
+
+class _NoHead(torch.nn.Module):
+    """No linear head (as squeezenet): nothing is returned but the wanted nodes."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = self.b(self.a(x))
+        h.relu_()
+        return h.mean((2, 3))
+
+
+def test_an_in_place_statement_after_the_wanted_nodes_is_dropped_with_what_feeds_it():
+    ex = FeatureExtractor(Traced(_NoHead().eval(), 16), ["a"])
+    assert [n.target for n in ex.gm.graph.nodes if n.op == "call_module"] == ["a"]
+
+
+def test_python_operators_named_with_an_underscore_are_not_in_place():
+    from featscope.stages.layers import _in_place
+
+    gm = torch.fx.symbolic_trace(lambda a, b: (a > 0) & (b > 0) | ~(a < b))
+    ops = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (operator.and_, operator.or_)]
+    assert len(ops) == 2 and not any(_in_place(n, gm) for n in ops)
+
+
+def test_timm_batchnormact_does_not_write_its_input():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("efficientnet_b0", pretrained=False).eval()
+    traced = Traced(model, 32)
+    in_place = sum(getattr(m, "inplace", False) is True for m in traced.gm.modules())
+    x, ref = _as_computed(model, ["conv_stem"], size=32)
+    ex = FeatureExtractor(traced, ["conv_stem", "bn1"])  # conv_stem is what bn1 (a BatchNormAct2d) reads
+    with torch.no_grad():
+        out = ex(x)
+    torch.testing.assert_close(out["conv_stem"], ref["conv_stem"], rtol=0, atol=0)
+    assert sum(getattr(m, "inplace", False) is True for m in ex.gm.modules()) == in_place == 49
 
 
 def test_resnet18_keeps_its_in_place_relus():
