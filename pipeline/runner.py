@@ -246,6 +246,12 @@ def gpu_may_be_present() -> bool:
     return nvidia or amd
 
 
+def _torch_sees_a_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def ray_connected() -> bool:
     if "ray" not in sys.modules:  # never imported: not connected (and no need to import it to say so)
         return False
@@ -339,6 +345,9 @@ class Prepared:
                                 f"(under the same seed); make it deterministic or give --weights")
         if self.kind == "object":
             self.module = model  # the CPU copy (weights applied) is what the replicas get
+        if not self.uses_ray and "extract" in self.stages and cfg.device != "cpu" and _torch_sees_a_gpu():
+            # a GPU the device-node probe missed (torch is imported by now): Ray places the replicas
+            self.uses_ray = True
         if self.uses_ray:  # without Ray the one replica takes the object as it is
             self.check_sendable()
         self.info = info
@@ -440,13 +449,6 @@ def run_pipeline(cfg: Config, quiet: bool = False, module=None) -> dict:
                 f"({res['train_images']} train / {res['held_out_images']} held-out images, {res['seconds']} s)")
         elif stage == "extract":
             _require(run, stage, "ingest")
-            if not ray_connected() and cfg.device != "cpu":
-                import torch
-
-                if torch.cuda.is_available():  # a GPU that gpu_may_be_present did not see: Ray places the replicas
-                    prep.check_sendable()
-                    connect_ray()
-                    run.write_meta({**run.read_meta(), "ray": ray_info()})
             res = extract.run(run, cfg, _model_spec(prep), len(prep.plan.shards), progress)
         else:
             # index, knn, analyze, report: each module exposes run(run_dir, cfg, progress) -> stats dict

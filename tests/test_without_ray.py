@@ -220,13 +220,16 @@ try:
     featscope.run("%s", UnpicklableNet(), out=sys.argv[1], stages=["ingest", "extract"], perturb=[], image_size=32,
                   quiet=True)
 except UserError as exc:
+    import os
     print("UserError:", exc)
+    print("run written:", os.path.exists(sys.argv[1]))
 """ % DATA
 
 
 def test_a_gpu_found_late_still_checks_that_the_module_can_go_to_ray(tmp_path):
-    """The runner connects Ray before extract when torch finds a GPU the probe missed; the module
-    must then pass the same pickling check as when Ray was planned from the start."""
+    """When torch finds a GPU the device-node probe missed, the run uses Ray (the replicas go
+    there): the module must pass the same pickling check as when Ray was planned from the start,
+    before anything is written."""
     temp = tempfile.mkdtemp(prefix="ra", dir="/tmp")
     try:
         done = subprocess.run([sys.executable, "-c", _LATE_GPU, str(tmp_path / "run")], cwd=ROOT,
@@ -235,3 +238,4 @@ def test_a_gpu_found_late_still_checks_that_the_module_can_go_to_ray(tmp_path):
         shutil.rmtree(temp, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "UserError: the nn.Module UnpicklableNet cannot be sent to Ray workers" in done.stdout, done.stdout
+    assert "run written: False" in done.stdout  # refused before any work

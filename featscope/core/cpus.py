@@ -2,9 +2,11 @@
 
 `os.sched_getaffinity` alone says 64 in a `docker run --cpus=2` container on a 64-core host, and
 64 torch threads on a 2-core quota run far slower than 2 (they are throttled in turn). Ray's own
-count (`ray._private.utils.get_num_cpus`) reads the quota too, so without Ray we count as it
-does: the quota of this process's cgroup (v2 `cpu.max`, v1 `cpu.cfs_quota_us` /
-`cpu.cfs_period_us`), rounded up, never more than the affinity allows.
+count (`ray._private.utils.get_num_cpus`) reads the quota of the cgroup root only, truncates a
+fractional one and ignores a `taskset` affinity; here the count is the quota of this process's
+cgroup and its ancestors (v2 `cpu.max`, v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`), rounded up
+(1.5 cores is 2 threads), never more than the affinity allows, and the embedded Ray is started
+with it so both agree.
 """
 from __future__ import annotations
 
