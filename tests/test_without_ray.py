@@ -173,14 +173,19 @@ print("rows", run.meta["stages"]["extract"]["rows"], "ray imported", "ray" in sy
 """ % DATA
 
 
-def test_the_python_api_gives_the_one_replica_its_module_without_ray(tmp_path):
-    """No object store without Ray: the module goes to the replica in this process as it is."""
+def _python(code: str, *args: str) -> subprocess.CompletedProcess:
+    """`code` in a fresh Python, with a private Ray temp dir (a Ray it started would show there)."""
     temp = tempfile.mkdtemp(prefix="ra", dir="/tmp")
     try:
-        done = subprocess.run([sys.executable, "-c", _API, str(tmp_path / "run")], cwd=ROOT,
-                              env=_env(RAY_TMPDIR=temp), capture_output=True, text=True, timeout=400)
+        return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=_env(RAY_TMPDIR=temp),
+                              capture_output=True, text=True, timeout=400)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_the_python_api_gives_the_one_replica_its_module_without_ray(tmp_path):
+    """No object store without Ray: the module goes to the replica in this process as it is."""
+    done = _python(_API, str(tmp_path / "run"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "rows 48 ray imported False" in done.stdout
 
@@ -230,12 +235,7 @@ def test_a_gpu_found_late_still_checks_that_the_module_can_go_to_ray(tmp_path):
     """When torch finds a GPU the device-node probe missed, the run uses Ray (the replicas go
     there): the module must pass the same pickling check as when Ray was planned from the start,
     before anything is written."""
-    temp = tempfile.mkdtemp(prefix="ra", dir="/tmp")
-    try:
-        done = subprocess.run([sys.executable, "-c", _LATE_GPU, str(tmp_path / "run")], cwd=ROOT,
-                              env=_env(RAY_TMPDIR=temp), capture_output=True, text=True, timeout=400)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
+    done = _python(_LATE_GPU, str(tmp_path / "run"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "UserError: the nn.Module UnpicklableNet cannot be sent to Ray workers" in done.stdout, done.stdout
     assert "run written: False" in done.stdout  # refused before any work
