@@ -505,7 +505,7 @@ def _fresh(n: fx.Node, gm: fx.GraphModule) -> bool:
         if n.target in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout):
             return False
         return n.target in _FRESH_FUNCTIONS or n.kwargs.get("inplace") is False
-    return False
+    return n.op == "call_method" and n.target == "clone"
 
 
 def _sharing(gm: fx.GraphModule) -> tuple[dict, dict]:
@@ -532,14 +532,15 @@ def _group(start: fx.Node, links: dict, keep) -> set:
     return seen
 
 
-def _keep_returned_tensors(gm: fx.GraphModule, returned: set) -> None:
+def _keep_returned_tensors(gm: fx.GraphModule) -> None:
     """Make out-of-place the in-place ops that would overwrite a tensor the extractor returns
     (densenet's F.relu(inplace=True) on features.norm5, a custom net's ReLU(inplace=True) after a
     hooked layer), and only those: switching every ReLU of resnet18 out of place cost ~10% of
     its forward on 2 cores (benchmarks/RESULTS.md, `## extract`).
 
     An in-place op at node m overwrites a returned tensor when its first input shares storage
-    with a returned node computed before m: storage is followed through every op not known to
+    with a node the output reads, computed before m (checked for each op on the graph as the
+    ops before it left it): storage is followed through every op not known to
     make a new tensor (views, in-place ops and whatever is unknown count as sharing). In-place
     means an `inplace=True` module or keyword, `+=`-style operators, and any tensor method or
     torch function whose name ends in one underscore (`relu_`, `add_`, `clamp_`).
@@ -553,25 +554,29 @@ def _keep_returned_tensors(gm: fx.GraphModule, returned: set) -> None:
     for m in list(order):
         if not _in_place(m, gm) or not m.args or not isinstance(m.args[0], fx.Node):
             continue
-        seen = _group(m.args[0], links, lambda b: order[b] < order[m])  # the storage m writes to
-        copy_inputs |= seen & set(inputs)
-        if seen & returned:
-            writers.append((m, seen))
+        writers.append(m)
+        copy_inputs |= _group(m.args[0], links, lambda b: order[b] < order[m]) & set(inputs)
     for x in copy_inputs:
         with gm.graph.inserting_after(x):
             own = gm.graph.call_method("clone", (x,))
         x.replace_all_uses_with(own, delete_user_cb=lambda user: user is not own)
-    holders: set = set()  # the new tensors made below: writing into one of them is harmless
-    for m, seen in writers:  # decided on the untouched graph, changed in graph order
-        if m.args[0] in holders:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    changed = bool(copy_inputs)
+    for m in writers:  # in graph order, each on the graph as the ones before it left it
+        if changed:
+            order, links = _sharing(gm)
+            changed = False
+        seen = _group(m.args[0], links, lambda b: order[b] < order[m])  # the storage m writes to
+        hit = seen & set(out.all_input_nodes)  # the returned tensors (or the copies kept of them)
+        if not hit:
             continue
-        position = {n: i for i, n in enumerate(gm.graph.nodes)}
-        read_later = any(u.op != "output" and position[u] > position[m]
+        read_later = any(u.op != "output" and order[u] > order[m]
                          for n in seen - {m.args[0]} for u in n.users if u is not m)
         if read_later:
-            _keep_copies(gm, m, seen & returned)
+            _keep_copies(gm, m, hit)
         else:
-            holders.add(_out_of_place(gm, m))
+            _out_of_place(gm, m)
+        changed = True
 
 
 def _keep_copies(gm: fx.GraphModule, m: fx.Node, hit: set) -> None:
@@ -641,9 +646,8 @@ def _drop_unused(gm: fx.GraphModule) -> None:
                 if any(order[u] > order[n] for g in group for u in g.users if u is not n):
                     continue
             gm.graph.erase_node(n)
-            links.pop(n, None)
-            for other in links.values():
-                other.discard(n)
+            for other in links.pop(n, ()):
+                links[other].discard(n)
             changed = True
 
 
@@ -661,7 +665,7 @@ class FeatureExtractor(nn.Module):
                 graph.erase_node(n)
         with graph.inserting_after(list(graph.nodes)[-1]):
             graph.output(tuple(nodes))
-        _keep_returned_tensors(gm, set(nodes))
+        _keep_returned_tensors(gm)
         _drop_unused(gm)
         gm.recompile()
         self.gm, self.names = gm, wanted

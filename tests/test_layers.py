@@ -315,6 +315,34 @@ def test_timm_batchnormact_does_not_write_its_input():
     assert sum(getattr(m, "inplace", False) is True for m in ex.gm.modules()) == in_place == 49
 
 
+class _ReturnedThenWritten(torch.nn.Module):
+    """An in-place ReLU on a returned conv map, its own output returned too, and written again."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.pool, self.fc = torch.nn.AdaptiveAvgPool2d(1), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        r = torch.nn.functional.relu(self.a(x), inplace=True)
+        r.add_(1.0)
+        return self.fc(torch.flatten(self.pool(r), 1))
+
+
+def test_an_op_made_out_of_place_is_protected_in_turn_when_returned():
+    torch.manual_seed(0)
+    model = _ReturnedThenWritten().eval()
+    x, ref = _as_computed(model, ["a", "relu"])
+    ex = FeatureExtractor(Traced(model, 16), ["a", "relu"])
+    with torch.no_grad():
+        out = ex(x)
+        logits = model(x.clone())
+    for name in ("a", "relu"):
+        torch.testing.assert_close(out[name], ref[name], rtol=0, atol=0)
+    assert out["relu"].min() == 0  # not the later add_'s 1.0
+    torch.testing.assert_close(out[ex.logits_name], logits, rtol=1e-6, atol=1e-6)
+
+
 def test_resnet18_keeps_its_in_place_relus():
     """Switching every ReLU out of place cost resnet18 ~10% of its forward on 2 cores; none of its
     in-place ops writes into the conv map or the penultimate vector."""
