@@ -132,6 +132,21 @@ def _as_computed(model, names, size=16):
     return x, snap.kept
 
 
+def _extracted(model, wanted, size=16):
+    """The extractor's outputs on the input `_as_computed` drew, each checked equal to torch.fx's
+    snapshot of it, and the input checked unchanged; with the model's own logits on a copy."""
+    x, ref = _as_computed(model, wanted, size)
+    ex = FeatureExtractor(Traced(model, size), wanted)
+    x_before = x.clone()
+    with torch.no_grad():
+        out = ex(x)
+        logits = model(x_before.clone())
+    for name in wanted:
+        torch.testing.assert_close(out[name], ref[name], rtol=0, atol=0)
+    torch.testing.assert_close(x, x_before, rtol=0, atol=0)  # the caller's input is left as it was
+    return ex, out, ref, logits
+
+
 def _out_of_place_copies(ex) -> list[str]:
     return [name for name, _ in ex.gm.named_children() if name.endswith("_out_of_place")]
 
@@ -187,13 +202,8 @@ class _DropoutThenReLU(torch.nn.Module):
 
 def test_an_in_place_op_after_eval_dropout_does_not_overwrite_a_returned_tensor():
     torch.manual_seed(0)
-    model = _DropoutThenReLU().eval()
-    x, ref = _as_computed(model, ["fc"])
-    ex = FeatureExtractor(Traced(model, 16), ["fc"])
-    with torch.no_grad():
-        out = ex(x)
+    _, _, ref, _ = _extracted(_DropoutThenReLU().eval(), ["fc"])
     assert (ref["fc"] < 0).any()  # the premise: negatives the ReLU would zero
-    torch.testing.assert_close(out["fc"], ref["fc"], rtol=0, atol=0)
 
 
 class _InPlaceStatements(torch.nn.Module):
@@ -219,19 +229,11 @@ class _InPlaceStatements(torch.nn.Module):
 @pytest.mark.parametrize("wanted", [["a"], ["b"], ["add"], ["a", "b", "add"]])
 def test_in_place_methods_and_functions_do_not_overwrite_returned_tensors(wanted):
     torch.manual_seed(0)
-    model = _InPlaceStatements().eval()
-    x, ref = _as_computed(model, wanted)
-    ex = FeatureExtractor(Traced(model, 16), wanted)
-    x_before = x.clone()
-    with torch.no_grad():
-        out = ex(x)
-        logits = model(x_before.clone())  # the model as written (it doubles its own input copy)
+    # (the model doubles its own input: _extracted checks the extractor leaves the caller's as it was)
+    ex, out, ref, logits = _extracted(_InPlaceStatements().eval(), wanted)
     for name in wanted:
         assert (ref[name] < 0).any() or name == "add"  # the premise: negatives a relu_ would zero
-        torch.testing.assert_close(out[name], ref[name], rtol=0, atol=0)
-    # what the model computes is unchanged, and the caller's input is left as it was
-    torch.testing.assert_close(out[ex.logits_name], logits, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(x, x_before, rtol=0, atol=0)
+    torch.testing.assert_close(out[ex.logits_name], logits, rtol=1e-6, atol=1e-6)  # what the model computes
 
 
 def test_saliency_through_an_in_place_op_on_the_input():
@@ -265,14 +267,8 @@ class _WriteThroughView(torch.nn.Module):
 
 def test_a_write_through_a_view_read_back_through_its_base_keeps_model_and_returned_tensor():
     torch.manual_seed(0)
-    model = _WriteThroughView().eval()
-    x, ref = _as_computed(model, ["a"])
-    ex = FeatureExtractor(Traced(model, 16), ["a"])
-    with torch.no_grad():
-        out = ex(x)
-        logits = model(x.clone())
+    ex, out, ref, logits = _extracted(_WriteThroughView().eval(), ["a"])
     assert (ref["a"] < 0).any()
-    torch.testing.assert_close(out["a"], ref["a"], rtol=0, atol=0)
     torch.testing.assert_close(out[ex.logits_name], logits, rtol=1e-6, atol=1e-6)
 
 
@@ -331,14 +327,7 @@ class _ReturnedThenWritten(torch.nn.Module):
 
 def test_an_op_made_out_of_place_is_protected_in_turn_when_returned():
     torch.manual_seed(0)
-    model = _ReturnedThenWritten().eval()
-    x, ref = _as_computed(model, ["a", "relu"])
-    ex = FeatureExtractor(Traced(model, 16), ["a", "relu"])
-    with torch.no_grad():
-        out = ex(x)
-        logits = model(x.clone())
-    for name in ("a", "relu"):
-        torch.testing.assert_close(out[name], ref[name], rtol=0, atol=0)
+    ex, out, ref, logits = _extracted(_ReturnedThenWritten().eval(), ["a", "relu"])
     assert out["relu"].min() == 0  # not the later add_'s 1.0
     torch.testing.assert_close(out[ex.logits_name], logits, rtol=1e-6, atol=1e-6)
 
