@@ -40,7 +40,7 @@
 -- anchor) with the same figures over the pairs and triplets that class anchors (percentiles
 -- NULL there), and the parameters as the variable class_distances_params: per_class.sql and
 -- layer_comparison.sql read them instead of computing them again, so in the CLI `.read` this
--- file before those. The pairs themselves (blk, label of the anchor, distance, same) stay as
+-- file before those. The pairs themselves (blk, label of the anchor, distance, same) stay as the view
 -- results_class_distances_pairs, blk numbering the (layer, scope) blocks of
 -- results_class_distances_blocks: distance_histogram.sql bins them.
 --
@@ -57,7 +57,8 @@ SET VARIABLE pairs = coalesce(getvariable('pairs'), 100000)::BIGINT;
 SET VARIABLE triplets = coalesce(getvariable('triplets'), 100000)::BIGINT;
 SET VARIABLE class_distances_params = NULL;  -- until the figures below are there
 DROP TABLE IF EXISTS results_class_distances;
-DROP TABLE IF EXISTS results_class_distances_pairs;
+DROP VIEW IF EXISTS results_class_distances_pairs;
+DROP TABLE IF EXISTS results_class_distances_global;
 
 -- knn_agreement's edges and per-image counts must be there, for this layer and k
 SET VARIABLE class_distances_inputs = CASE
@@ -65,12 +66,13 @@ SET VARIABLE class_distances_inputs = CASE
     THEN error('class_distances reads the results of knn_agreement.sql: .read queries/knn_agreement.sql first, with the same layer and k')
     ELSE true END;
 
--- (layer, scope) numbered: the sorts below are far faster on an integer than on two strings
+-- (layer, scope) numbered in that order, from knn_agreement's layer numbers: the sorts below are
+-- far faster on an integer than on two strings, and the kNN edges carry their layer's number
 CREATE OR REPLACE TEMP TABLE results_class_distances_blocks AS
-SELECT l.layer, l.features, l.metric, s.scope, (row_number() OVER (ORDER BY l.layer, s.scope))::INTEGER AS blk
-FROM index_layers l, (VALUES ('knn'), ('global')) s(scope)
-WHERE (getvariable('layer') IS NULL OR l.layer = getvariable('layer'))
-  AND l.layer IN (SELECT DISTINCT layer FROM knn);
+SELECT k.layer, i.features, i.metric, s.scope, (2 * k.layer_no - s.first)::INTEGER AS blk
+FROM results_knn_agreement_layers k
+JOIN index_layers i ON i.layer = k.layer
+CROSS JOIN (VALUES ('global', 1), ('knn', 0)) s(scope, first);
 
 -- the images with features, numbered in (label, image_id) order: a class is one block of numbers
 CREATE OR REPLACE TEMP TABLE class_distances_numbered AS
@@ -88,19 +90,11 @@ SELECT l.layer, l.metric, v.image_id, v.vec
 FROM (SELECT DISTINCT layer, features, metric FROM results_class_distances_blocks) l
 JOIN embeddings v ON v.layer = l.features AND v.view = 'orig';
 
--- every pair measured, with the class of its anchor (the query, or the sampled pair's first
--- image), kept for this connection (the figures below, and distance_histogram.sql: the
--- histograms and the ROC curve behind the AUC)
-CREATE OR REPLACE TEMP TABLE results_class_distances_pairs AS
+-- scope global: pair i = (a, b), a uniform, b uniform over the others; their distances in
+-- every measured layer, with the class of a
+CREATE OR REPLACE TEMP TABLE results_class_distances_global AS
 WITH
--- scope knn: every edge, with its labels from knn_agreement.sql (results_knn_agreement_edges)
-knn_pairs AS (
-    SELECT layer, label, distance, label = neighbor_label AS same
-    FROM results_knn_agreement_edges
-),
 total AS (SELECT any_value(n) AS n FROM class_distances_numbered),
-
--- scope global: pair i = (a, b), a uniform, b uniform over the others
 pair_draws AS (
     SELECT a, b + (b >= a)::BIGINT AS b   -- b skips a
     FROM (
@@ -126,9 +120,19 @@ global_pairs AS (
     JOIN class_distances_vectors va ON va.image_id = p.anchor
     JOIN class_distances_vectors vb ON vb.image_id = p.other AND vb.layer = va.layer
 )
-SELECT b.blk, p.label, p.distance, p.same FROM knn_pairs p JOIN results_class_distances_blocks b ON b.layer = p.layer AND b.scope = 'knn'
+SELECT b.blk, p.label, p.distance, p.same
+FROM global_pairs p JOIN results_class_distances_blocks b ON b.layer = p.layer AND b.scope = 'global';
+
+-- every pair measured (blk, the class of its anchor: the query, or the sampled pair's first
+-- image, distance, same), for this connection (the figures below, and distance_histogram.sql:
+-- the histograms and the ROC curve behind the AUC). Scope knn: every edge of knn_agreement.sql's
+-- results_knn_agreement_edges, read where it lies (a copy of the 10M edges cost more than the
+-- windows below gain from reading a table; knn_agreement.sql resets class_distances_params
+-- when it replaces them)
+CREATE OR REPLACE TEMP VIEW results_class_distances_pairs AS
+SELECT (2 * layer_no)::INTEGER AS blk, label, distance, label = neighbor_label AS same FROM results_knn_agreement_edges
 UNION ALL
-SELECT b.blk, p.label, p.distance, p.same FROM global_pairs p JOIN results_class_distances_blocks b ON b.layer = p.layer AND b.scope = 'global';
+SELECT blk, label, distance, same FROM results_class_distances_global;
 
 -- the figures, kept for per_class.sql and layer_comparison.sql (see the top of this file)
 CREATE OR REPLACE TEMP TABLE results_class_distances AS
@@ -153,28 +157,39 @@ blocks AS (SELECT layer, scope, blk FROM results_class_distances_blocks),
 -- same pairs have rank() = f, rank() by (distance, same) = f + d and row_number() = f + d + j,
 -- j = 0 .. s - 1; summed, f - (f + d) + 2 (f + d + j) gives s (2f + d) + s (s - 1), as
 -- rank() + count(*) = f + (f + t - 1) does.
-ranked AS (
-    SELECT blk, label, distance, same,
-        rank() OVER by_distance - rank() OVER by_distance_same + 2 * row_number() OVER by_distance_same AS scope_ranks,
-        rank() OVER by_class + count(*) OVER by_class AS class_ranks
-    FROM all_pairs
-    WINDOW by_distance AS (PARTITION BY blk ORDER BY distance),
-           by_distance_same AS (PARTITION BY blk ORDER BY distance, same),
-           by_class AS (PARTITION BY blk, label ORDER BY distance)
+-- The rank sums come from two windows, each over only the columns it needs and summed at once:
+-- one statement that carried every pair through both windows into one GROUP BY took ~1.5x as long.
+scope_ranks AS (
+    SELECT blk, sum(ranks) FILTER (WHERE same) AS same_ranks
+    FROM (SELECT blk, same, rank() OVER by_distance - rank() OVER by_distance_same + 2 * row_number() OVER by_distance_same AS ranks
+          FROM all_pairs
+          WINDOW by_distance AS (PARTITION BY blk ORDER BY distance),
+                 by_distance_same AS (PARTITION BY blk ORDER BY distance, same))
+    GROUP BY blk
+),
+class_ranks AS (
+    SELECT blk, label, sum(ranks) FILTER (WHERE same) AS same_ranks
+    FROM (SELECT blk, label, same, rank() OVER by_class + count(*) OVER by_class AS ranks
+          FROM all_pairs
+          WINDOW by_class AS (PARTITION BY blk, label ORDER BY distance))
+    GROUP BY blk, label
 ),
 -- the figures of each (layer, scope), label NULL, and of each class of anchors in it
 stats AS (
-    SELECT blk, label, count(*) AS pairs,
-        count(*) FILTER (WHERE same) AS same_n,
-        avg(distance) FILTER (WHERE same) AS same_mean,
-        stddev_samp(distance) FILTER (WHERE same) AS same_std,
-        count(*) FILTER (WHERE NOT same) AS diff_n,
-        avg(distance) FILTER (WHERE NOT same) AS diff_mean,
-        stddev_samp(distance) FILTER (WHERE NOT same) AS diff_std,
-        CASE WHEN grouping(label) = 1 THEN sum(scope_ranks) FILTER (WHERE same)
-             ELSE sum(class_ranks) FILTER (WHERE same) END AS same_ranks
-    FROM ranked
-    GROUP BY GROUPING SETS ((blk), (blk, label))
+    SELECT s.*, CASE WHEN s.whole THEN sr.same_ranks ELSE cr.same_ranks END AS same_ranks
+    FROM (
+        SELECT blk, label, grouping(label) = 1 AS whole, count(*) AS pairs,
+            count(*) FILTER (WHERE same) AS same_n,
+            avg(distance) FILTER (WHERE same) AS same_mean,
+            stddev_samp(distance) FILTER (WHERE same) AS same_std,
+            count(*) FILTER (WHERE NOT same) AS diff_n,
+            avg(distance) FILTER (WHERE NOT same) AS diff_mean,
+            stddev_samp(distance) FILTER (WHERE NOT same) AS diff_std
+        FROM all_pairs
+        GROUP BY GROUPING SETS ((blk), (blk, label))
+    ) s
+    LEFT JOIN scope_ranks sr ON s.whole AND sr.blk = s.blk
+    LEFT JOIN class_ranks cr ON NOT s.whole AND cr.blk = s.blk AND cr.label IS NOT DISTINCT FROM s.label
 ),
 -- percentiles for the (layer, scope) rows only (grouped by `same` rather than two FILTERed
 -- aggregates: the two groups run on two threads)
@@ -242,7 +257,7 @@ SELECT b.layer, b.scope, s.label, s.pairs,
     coalesce(t.triplets, 0) AS triplets
 FROM stats s
 JOIN blocks b USING (blk)
-LEFT JOIN quantiles q ON q.blk = s.blk AND s.label IS NULL
+LEFT JOIN quantiles q ON q.blk = s.blk AND s.whole
 LEFT JOIN triplets t ON t.layer = b.layer AND t.scope = b.scope AND t.label IS NOT DISTINCT FROM s.label;
 DROP TABLE class_distances_numbered;
 SET VARIABLE class_distances_params = {'layer': getvariable('layer'), 'k': getvariable('k'), 'seed': getvariable('seed'),

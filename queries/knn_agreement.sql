@@ -28,8 +28,10 @@
 -- results_knn_agreement_images (layer, image_id, label, pred, n neighbours, same_n and
 -- same_rank_sum: how many carry the image's label and the sum of their ranks, pred_n: how many
 -- carry its predicted label, knn_label: the vote's winner), the edges with their labels as
--- results_knn_agreement_edges (layer, query_id, rank, distance, label and pred of the query,
--- neighbor_label), and the parameters they were
+-- results_knn_agreement_edges (layer_no, query_id, rank, distance, label and pred of the query,
+-- neighbor_label; layer_no numbers the layers of results_knn_agreement_layers(layer, layer_no)
+-- in name order: an integer is cheaper than a name through 10M-row joins and groups), and the
+-- parameters they were
 -- computed with as the variable knn_agreement_params: class_distances.sql, suspicious.sql,
 -- per_class.sql and layer_comparison.sql read them instead of computing them again, so in the
 -- CLI `.read` this file before those.
@@ -44,9 +46,16 @@ SET VARIABLE k = coalesce(getvariable('k'), (SELECT max(rank) FROM knn))::INTEGE
 -- parameters they hold, nothing may read them (dropped, a reader stops on the missing table
 -- rather than read tables left by an earlier run of this file, should this one stop halfway)
 SET VARIABLE knn_agreement_params = NULL;
+SET VARIABLE class_distances_params = NULL;  -- its pairs view reads the edges below
+DROP TABLE IF EXISTS results_knn_agreement_layers;
 DROP TABLE IF EXISTS results_knn_agreement_edges;
 DROP TABLE IF EXISTS results_knn_agreement_images;
 DROP TABLE IF EXISTS results_knn_agreement;
+
+-- the layers measured, numbered in name order
+CREATE OR REPLACE TEMP TABLE results_knn_agreement_layers AS
+SELECT layer, (row_number() OVER (ORDER BY layer))::INTEGER AS layer_no
+FROM (SELECT DISTINCT layer FROM knn WHERE getvariable('layer') IS NULL OR layer = getvariable('layer'));
 
 -- every edge with both labels (the query's label and prediction, the neighbour's label), kept
 -- for this file's per-image counts and class_distances.sql (its kNN-scope distances), so the
@@ -59,46 +68,48 @@ query_labels AS (
     SELECT l.image_id, l.label, p.pred
     FROM labels l LEFT JOIN predictions p ON p.image_id = l.image_id AND p.view = 'orig'
 )
-SELECT knn.layer, knn.query_id, knn.rank, knn.distance, q.label, q.pred, nb.label AS neighbor_label
+SELECT l.layer_no, knn.query_id, knn.rank, knn.distance, q.label, q.pred, nb.label AS neighbor_label
 FROM knn
+JOIN results_knn_agreement_layers l ON l.layer = knn.layer
 JOIN query_labels q ON q.image_id = knn.query_id
 JOIN labels nb ON nb.image_id = knn.neighbor_id
-WHERE (getvariable('layer') IS NULL OR knn.layer = getvariable('layer'))
-  AND knn.rank <= getvariable('k');
+WHERE knn.rank <= getvariable('k');
 
 -- per image: its k neighbours' label counts, kept for this file's figures, class_distances.sql
 -- (the kNN triplets) and suspicious.sql
 CREATE OR REPLACE TEMP TABLE results_knn_agreement_images AS
 WITH
-edges AS (SELECT layer, query_id, rank, neighbor_label AS label FROM results_knn_agreement_edges),
+edges AS (SELECT layer_no, query_id, rank, neighbor_label AS label FROM results_knn_agreement_edges),
 -- n neighbours; same_n of them carry the image's label, at ranks summing to same_rank_sum;
 -- pred_n carry its predicted label
 counts AS MATERIALIZED (
-    SELECT layer, query_id AS image_id, any_value(label) AS label, any_value(pred) AS pred,
+    SELECT layer_no, query_id AS image_id, any_value(label) AS label, any_value(pred) AS pred,
         count(*) AS n,
         count(*) FILTER (WHERE neighbor_label = label) AS same_n,
         coalesce(sum(rank) FILTER (WHERE neighbor_label = label), 0) AS same_rank_sum,
         count(*) FILTER (WHERE neighbor_label = pred) AS pred_n
     FROM results_knn_agreement_edges
-    GROUP BY layer, query_id
+    GROUP BY layer_no, query_id
 ),
 -- the vote: the label with most votes wins, of tied labels the nearest (votes times k + 1 minus
 -- the nearest rank, 1 .. k, orders the labels by votes, then by nearness). An image whose own
 -- label has more than half the votes wins it outright; only the others need every label's votes
 -- (a grouping per (image, label) of their edges alone)
 open_votes AS (
-    SELECT layer, image_id, arg_max(label, votes * (getvariable('k') + 1) - nearest) AS knn_label
+    SELECT layer_no, image_id, arg_max(label, votes * (getvariable('k') + 1) - nearest) AS knn_label
     FROM (
-        SELECT e.layer, e.query_id AS image_id, e.label, count(*) AS votes, min(e.rank) AS nearest
+        SELECT e.layer_no, e.query_id AS image_id, e.label, count(*) AS votes, min(e.rank) AS nearest
         FROM edges e
-        SEMI JOIN (SELECT layer, image_id FROM counts WHERE 2 * same_n <= n) o
-            ON o.layer = e.layer AND o.image_id = e.query_id
-        GROUP BY e.layer, e.query_id, e.label
+        SEMI JOIN (SELECT layer_no, image_id FROM counts WHERE 2 * same_n <= n) o
+            ON o.layer_no = e.layer_no AND o.image_id = e.query_id
+        GROUP BY e.layer_no, e.query_id, e.label
     )
-    GROUP BY layer, image_id
+    GROUP BY layer_no, image_id
 )
-SELECT c.*, CASE WHEN 2 * c.same_n > c.n THEN c.label ELSE v.knn_label END AS knn_label
-FROM counts c LEFT JOIN open_votes v USING (layer, image_id);
+SELECT l.layer, c.* EXCLUDE (layer_no), CASE WHEN 2 * c.same_n > c.n THEN c.label ELSE v.knn_label END AS knn_label
+FROM counts c
+JOIN results_knn_agreement_layers l USING (layer_no)
+LEFT JOIN open_votes v USING (layer_no, image_id);
 
 -- the figures, kept for per_class.sql and layer_comparison.sql (see the top of this file)
 CREATE OR REPLACE TEMP TABLE results_knn_agreement AS

@@ -430,6 +430,35 @@ def test_kept_results_are_not_read_after_a_run_that_stopped_halfway_or_a_new_cat
             read(name)
 
 
+
+def test_the_pairs_that_distance_histogram_bins_are_those_class_distances_measured(run):
+    """class_distances' pairs view reads knn_agreement's edges where they lie: once
+    knn_agreement.sql has replaced them (another k), distance_histogram.sql must not bin the new
+    edges under the old figures' parameters; run through featscope, both are computed again and
+    the histogram's counts add up to the figures' counts."""
+    catalog.write_catalog(RunDir(run))
+    con = duckdb.connect()
+    con.execute(open(RunDir(run).p("catalog.sql")).read())
+    con.execute("SET VARIABLE k = 3")
+    _plain_read(con, "knn_agreement")
+    _plain_read(con, "class_distances")
+    con.execute("SET VARIABLE k = 2")
+    _plain_read(con, "knn_agreement")
+    con.execute("SET VARIABLE k = 3")
+    with pytest.raises(duckdb.Error, match="class_distances.sql first"):
+        _plain_read(con, "distance_histogram").fetchall()
+
+    con = catalog.connect(run, locked=False)
+    queries.run_measure(con, "class_distances", {"k": 3})
+    queries.run_measure(con, "knn_agreement", {"k": 2})
+    hist = queries.run_measure(con, "distance_histogram", {"k": 3}).to_pandas()
+    figures = queries.run_measure(con, "class_distances", {"k": 3}).to_pandas()
+    sums = hist.groupby(["layer", "scope"])[["same_n", "diff_n"]].sum()
+    for r in figures.itertuples():
+        assert (sums.loc[(r.layer, r.scope), "same_n"], sums.loc[(r.layer, r.scope), "diff_n"]) == (r.same_n, r.diff_n)
+    knn = con.sql("SELECT layer, count(*) FROM knn WHERE rank <= 3 GROUP BY layer").fetchall()
+    assert {(r.layer, r.pairs) for r in figures.itertuples() if r.scope == "knn"} == set(knn)
+
 def _rows_close(a, b, rel=1e-9):
     if len(a) != len(b):
         return False
