@@ -8,6 +8,10 @@ old, ...), so neither side always pays the warm-up of the run's files.
     python benchmarks/queries_ab.py /tmp/qb --measures knn_agreement,suspicious --reps 3 [--rev HEAD~1]
     python benchmarks/queries_ab.py /tmp/qb --suite --reps 4 [--rev 15b40b8]
 
+The per-measure mode runs both sides on one connection, so it cannot compare across a change of
+the tables one measure keeps for another (b432381 changed knn_agreement's edges and made
+class_distances' pairs a view): use --suite there, which opens a connection per pass.
+
 Last line: one JSON object {measure: {old_wall, new_wall, old_cpu, new_cpu, ratio, same}}, ratio =
 median new wall / median old wall. With --suite the unit is the whole suite (the measures of
 benchmarks/queries.py in its order, on a fresh connection each time, the measures a measure reads

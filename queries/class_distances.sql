@@ -42,7 +42,9 @@
 -- layer_comparison.sql read them instead of computing them again, so in the CLI `.read` this
 -- file before those. The pairs themselves (blk, label of the anchor, distance, same) stay as the view
 -- results_class_distances_pairs, blk numbering the (layer, scope) blocks of
--- results_class_distances_blocks: distance_histogram.sql bins them.
+-- results_class_distances_blocks: distance_histogram.sql bins them. The view reads
+-- knn_agreement.sql's edges, so reading knn_agreement.sql again forgets these figures too
+-- (class_distances_params is reset): .read this file again after it.
 --
 -- Parameters (set any before `.read`, e.g. SET VARIABLE pairs = 1000000;):
 --   layer     one knn layer; NULL (default) = every layer
@@ -140,7 +142,7 @@ WITH
 numbered AS (SELECT * FROM class_distances_numbered),
 total AS (SELECT any_value(n) AS n FROM numbered),
 layer_vectors AS (SELECT * FROM class_distances_vectors),
-all_pairs AS NOT MATERIALIZED (SELECT * FROM results_class_distances_pairs),  -- read twice: no copy
+all_pairs AS NOT MATERIALIZED (SELECT * FROM results_class_distances_pairs),  -- read four times, through the view: no copy
 blocks AS (SELECT layer, scope, blk FROM results_class_distances_blocks),
 
 -- ROC-AUC by Mann-Whitney: with the pairs of a block sorted by distance, a pair's average rank
@@ -157,8 +159,8 @@ blocks AS (SELECT layer, scope, blk FROM results_class_distances_blocks),
 -- same pairs have rank() = f, rank() by (distance, same) = f + d and row_number() = f + d + j,
 -- j = 0 .. s - 1; summed, f - (f + d) + 2 (f + d + j) gives s (2f + d) + s (s - 1), as
 -- rank() + count(*) = f + (f + t - 1) does.
--- The rank sums come from two windows, each over only the columns it needs and summed at once:
--- one statement that carried every pair through both windows into one GROUP BY took ~1.5x as long.
+-- The rank sums come from two windows, each over only the columns it needs and summed apart
+-- (as fast as one statement carrying every pair through both windows, measured; easier to read).
 scope_ranks AS (
     SELECT blk, sum(ranks) FILTER (WHERE same) AS same_ranks
     FROM (SELECT blk, same, rank() OVER by_distance - rank() OVER by_distance_same + 2 * row_number() OVER by_distance_same AS ranks

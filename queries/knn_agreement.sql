@@ -33,7 +33,8 @@
 -- in name order: an integer is cheaper than a name through 10M-row joins and groups), and the
 -- parameters they were
 -- computed with as the variable knn_agreement_params: class_distances.sql, suspicious.sql,
--- per_class.sql and layer_comparison.sql read them instead of computing them again, so in the
+-- per_class.sql and layer_comparison.sql read them instead of computing them again (reading this
+-- file again resets class_distances_params too: its pairs view reads the edges), so in the
 -- CLI `.read` this file before those.
 --
 -- Parameters (set any before `.read`, e.g. SET VARIABLE layer = 'penultimate';):

@@ -430,12 +430,12 @@ def test_kept_results_are_not_read_after_a_run_that_stopped_halfway_or_a_new_cat
             read(name)
 
 
-
 def test_the_pairs_that_distance_histogram_bins_are_those_class_distances_measured(run):
     """class_distances' pairs view reads knn_agreement's edges where they lie: once
     knn_agreement.sql has replaced them (another k), distance_histogram.sql must not bin the new
-    edges under the old figures' parameters; run through featscope, both are computed again and
-    the histogram's counts add up to the figures' counts."""
+    edges under the old figures' parameters; run through featscope (every layer, or one that is
+    not the first in name order), both are computed again, the histogram's counts add up to the
+    figures' counts and the kNN-scope counts are the knn view's, layer by layer."""
     catalog.write_catalog(RunDir(run))
     con = duckdb.connect()
     con.execute(open(RunDir(run).p("catalog.sql")).read())
@@ -449,15 +449,23 @@ def test_the_pairs_that_distance_histogram_bins_are_those_class_distances_measur
         _plain_read(con, "distance_histogram").fetchall()
 
     con = catalog.connect(run, locked=False)
-    queries.run_measure(con, "class_distances", {"k": 3})
-    queries.run_measure(con, "knn_agreement", {"k": 2})
-    hist = queries.run_measure(con, "distance_histogram", {"k": 3}).to_pandas()
-    figures = queries.run_measure(con, "class_distances", {"k": 3}).to_pandas()
-    sums = hist.groupby(["layer", "scope"])[["same_n", "diff_n"]].sum()
-    for r in figures.itertuples():
-        assert (sums.loc[(r.layer, r.scope), "same_n"], sums.loc[(r.layer, r.scope), "diff_n"]) == (r.same_n, r.diff_n)
-    knn = con.sql("SELECT layer, count(*) FROM knn WHERE rank <= 3 GROUP BY layer").fetchall()
-    assert {(r.layer, r.pairs) for r in figures.itertuples() if r.scope == "knn"} == set(knn)
+    expected = {(layer, same): n for layer, same, n in con.sql(
+        "SELECT k.layer, q.label = nb.label, count(*) FROM knn k JOIN images q ON q.image_id = k.query_id "
+        "JOIN images nb ON nb.image_id = k.neighbor_id WHERE k.rank <= 3 GROUP BY ALL").fetchall()}
+    layers = sorted({layer for layer, _ in expected})
+    assert len(layers) > 1
+    for given in ({}, {"layer": layers[-1]}):
+        queries.run_measure(con, "class_distances", {"k": 3, **given})
+        queries.run_measure(con, "knn_agreement", {"k": 2, **given})
+        hist = queries.run_measure(con, "distance_histogram", {"k": 3, **given}).to_pandas()
+        figures = queries.run_measure(con, "class_distances", {"k": 3, **given}).to_pandas()
+        assert sorted(set(figures.layer)) == ([given["layer"]] if given else layers)
+        sums = hist.groupby(["layer", "scope"])[["same_n", "diff_n"]].sum()
+        for r in figures.itertuples():
+            assert (sums.loc[(r.layer, r.scope), "same_n"], sums.loc[(r.layer, r.scope), "diff_n"]) == (r.same_n, r.diff_n)
+            if r.scope == "knn":
+                assert (r.same_n, r.diff_n) == (expected.get((r.layer, True), 0), expected.get((r.layer, False), 0))
+
 
 def _rows_close(a, b, rel=1e-9):
     if len(a) != len(b):
