@@ -168,7 +168,7 @@ def run(run_dir: RunDir, cfg: Config, progress) -> dict:
         given = {"seed": cfg.seed} if any(p.name == "seed" for p in queries.params(measure)) else {}
         table = queries.run_measure(con, measure, given, meta)
         write_table_atomic(run_dir.p("results", measure + ".parquet"), table)
-        if measure == "distance_histogram":  # its input, every pair class_distances measured: not needed again
+        if measure == "distance_histogram":  # its input (the pairs view, the sampled pairs): not needed again
             con.execute("DROP VIEW IF EXISTS results_class_distances_pairs")
             con.execute("DROP TABLE IF EXISTS results_class_distances_global")
     return {"measures": len(queries.MEASURES), "layers": len(meta.get("index_layers", [])), **info,
