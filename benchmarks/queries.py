@@ -4,7 +4,8 @@ kNN edges, beside pandas computing the same numbers from the same Parquet files.
 The synthetic run: 1000 classes of 1000 images, kNN edges that land in the query's class with
 probability 0.7 (distances ascending with rank), predictions right 90% of the time, 16-dim
 vectors for the global pairs and triplets, and a knn_deep of 10,000 sampled queries x
-R = 999 (the analyze stage's default for a run this size caps the sample at deep_queries).
+R = 999 (the analyze stage's default for a run this size caps the sample at deep_queries), and
+the analyze stage's knn_labels (written with its own code, timed apart from the suite).
 The seeded global samples (which image pairs and triplets) are drawn by the SQL's hash scheme
 and handed to pandas, which computes everything else itself. Both sides read the Parquet files
 inside their timing. Last line: one JSON object.
@@ -132,11 +133,22 @@ def main() -> None:
         t0 = time.perf_counter()
         make_run(path, a.images, a.classes, a.k, a.deep_queries)
         print(f"synthetic run: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    # the labelled knn edges, as the analyze stage writes them once per knn (not part of the suite:
+    # timed apart; a kept run made before them gets them here)
+    from featscope.stages.analyze import write_knn_labels
+
+    t0 = time.perf_counter()
+    labels_written = write_knn_labels(RunDir(path))
+    labels_seconds = round(time.perf_counter() - t0, 3)
+    if labels_written:
+        print(f"knn_labels (analyze stage): {labels_seconds} s", file=sys.stderr)
     sql, per_measure = sql_suite(path, a.threads)
     suite = round(sum(per_measure.values()), 3)
     print(f"SQL suite: {suite} s {per_measure}", file=sys.stderr)
     result = {"images": a.images, "k": a.k, "edges": a.images * a.k, "suite_seconds": suite,
               "per_measure_seconds": per_measure}
+    if labels_written:
+        result["knn_labels_seconds"] = labels_seconds
     if not a.skip_pandas:
         from queries_pandas import draws, pandas_suite, same_results
 

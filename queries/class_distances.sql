@@ -152,13 +152,13 @@ blocks AS (SELECT layer, scope, blk FROM results_class_distances_blocks),
 -- same pair is nearer, ties counting 1/2; so 2U = npos (2N + 1 - npos) - sum(rank() + count(*))
 -- over the same pairs. Integer sums until the last division. One sort per block for the
 -- (layer, scope) figures, one per class for the per-class figures.
--- Over a whole block, count(*) with its peers is the slow part (~20% of the block's window), so
--- there the same sum comes from one sort by (distance, same), different pairs first among equal
--- distances: rank() by distance alone, rank() and row_number() by (distance, same) share it. In
--- a group of t equal distances from position f, with d different pairs then s same pairs, the
--- same pairs have rank() = f, rank() by (distance, same) = f + d and row_number() = f + d + j,
--- j = 0 .. s - 1; summed, f - (f + d) + 2 (f + d + j) gives s (2f + d) + s (s - 1), as
--- rank() + count(*) = f + (f + t - 1) does.
+-- count(*) with its peers is the slow part (~20% of a window), so the same sum comes from one
+-- sort by (distance, same), different pairs first among equal distances: rank() by distance
+-- alone, rank() and row_number() by (distance, same) share it. In a group of t equal distances
+-- from position f, with d different pairs then s same pairs, the same pairs have rank() = f,
+-- rank() by (distance, same) = f + d and row_number() = f + d + j, j = 0 .. s - 1; summed,
+-- f - (f + d) + 2 (f + d + j) gives s (2f + d) + s (s - 1), as rank() + count(*) = f + (f + t - 1)
+-- does.
 -- The rank sums come from two windows, each over only the columns it needs and summed apart
 -- (as fast as one statement carrying every pair through both windows, measured; easier to read).
 scope_ranks AS (
@@ -169,12 +169,19 @@ scope_ranks AS (
                  by_distance_same AS (PARTITION BY blk ORDER BY distance, same))
     GROUP BY blk
 ),
+-- Per class the same sort trick, partitioned by one BIGINT that packs (blk, label) (label + 2^31
+-- in the low 32 bits, 2^32 for NULL): ~20% faster than partitioning by the two columns (measured)
 class_ranks AS (
-    SELECT blk, label, sum(ranks) FILTER (WHERE same) AS same_ranks
-    FROM (SELECT blk, label, same, rank() OVER by_class + count(*) OVER by_class AS ranks
-          FROM all_pairs
-          WINDOW by_class AS (PARTITION BY blk, label ORDER BY distance))
-    GROUP BY blk, label
+    SELECT cls // 8589934592 AS blk,
+        CASE WHEN cls % 8589934592 < 4294967296 THEN (cls % 8589934592 - 2147483648)::INTEGER END AS label,
+        same_ranks
+    FROM (SELECT cls, sum(ranks) FILTER (WHERE same) AS same_ranks
+          FROM (SELECT cls, same, rank() OVER by_class - rank() OVER by_class_same + 2 * row_number() OVER by_class_same AS ranks
+                FROM (SELECT blk::BIGINT * 8589934592 + coalesce(label::BIGINT + 2147483648, 4294967296) AS cls, distance, same
+                      FROM all_pairs)
+                WINDOW by_class AS (PARTITION BY cls ORDER BY distance),
+                       by_class_same AS (PARTITION BY cls ORDER BY distance, same))
+          GROUP BY cls)
 ),
 -- the figures of each (layer, scope), label NULL, and of each class of anchors in it
 stats AS (

@@ -59,22 +59,14 @@ SELECT layer, (row_number() OVER (ORDER BY layer))::INTEGER AS layer_no
 FROM (SELECT DISTINCT layer FROM knn WHERE getvariable('layer') IS NULL OR layer = getvariable('layer'));
 
 -- every edge with both labels (the query's label and prediction, the neighbour's label), kept
--- for this file's per-image counts and class_distances.sql (its kNN-scope distances), so the
--- 10M edges are joined to labels once per connection
+-- for this file's per-image counts and class_distances.sql (its kNN-scope distances). The
+-- catalog's knn_labels view has them: the analyze stage's stored join (knn_labels/), or for a
+-- run without it the join itself, made here once per connection
 CREATE OR REPLACE TEMP TABLE results_knn_agreement_edges AS
-WITH
--- labels as integers through the 10M-edge joins and groups
-labels AS NOT MATERIALIZED (SELECT image_id, label FROM images),
-query_labels AS (
-    SELECT l.image_id, l.label, p.pred
-    FROM labels l LEFT JOIN predictions p ON p.image_id = l.image_id AND p.view = 'orig'
-)
-SELECT l.layer_no, knn.query_id, knn.rank, knn.distance, q.label, q.pred, nb.label AS neighbor_label
-FROM knn
-JOIN results_knn_agreement_layers l ON l.layer = knn.layer
-JOIN query_labels q ON q.image_id = knn.query_id
-JOIN labels nb ON nb.image_id = knn.neighbor_id
-WHERE knn.rank <= getvariable('k');
+SELECT l.layer_no, e.query_id, e.rank, e.distance, e.label, e.pred, e.neighbor_label
+FROM knn_labels e
+JOIN results_knn_agreement_layers l ON l.layer = e.layer
+WHERE e.rank <= getvariable('k');
 
 -- per image: its k neighbours' label counts, kept for this file's figures, class_distances.sql
 -- (the kNN triplets) and suspicious.sql

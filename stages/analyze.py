@@ -7,8 +7,12 @@ query, far deeper than the kNN graph's k. So this stage runs its own exact searc
 torch matmul + topk, float64 so that the ranking is exact) for every image when there are at
 most `deep_queries` images, else for a seeded sample of `deep_queries` images, down to depth
 min(largest R, deep_k), and writes it as `knn_deep/<layer>/part-00000.parquet` (the schema of
-knn/ plus `hit`: the neighbour carries the query's label). Reference shards are streamed: memory holds the queries' running top lists, not the
-dataset.
+knn/ plus `hit`: the neighbour carries the query's label). Reference shards are streamed: memory
+holds the queries' running top lists, not the dataset.
+
+It also writes `knn_labels/<layer>/part-00000.parquet`: every knn edge with the query's label and
+prediction and the neighbour's label, the join that knn_agreement.sql would otherwise make on
+every connection.
 """
 from __future__ import annotations
 
@@ -29,6 +33,13 @@ from featscope.core.rundir import AtomicParquetWriter, layer_dir, read_json, rea
 # view then computes it (featscope/core/catalog.py)
 DEEP_SCHEMA = pa.schema([("layer", pa.string()), ("query_id", pa.int64()), ("rank", pa.int32()),
                          ("neighbor_id", pa.int64()), ("distance", pa.float32()), ("hit", pa.bool_())])
+# the knn edges with their labels (knn_agreement.sql's edges; the catalog's knn_labels view). The
+# join of ~10M edges to the images twice cost ~1 s of the 1M-image suite on 2 cores, on every
+# connection; made here once per knn. knn_labels/<layer>.json holds what it was made from
+# (catalog.knn_labels_sources): the catalog reads the file only while those files are unchanged
+LABELS_SCHEMA = pa.schema([("layer", pa.string()), ("query_id", pa.int64()), ("rank", pa.int32()),
+                           ("distance", pa.float32()), ("label", pa.int32()), ("pred", pa.int32()),
+                           ("neighbor_label", pa.int32())])
 Q_BLOCK, R_CHUNK = 1024, 8192  # 1024 x 8192 float64 scores = 64 MB
 SUMMARY_COLUMNS = ["layer", "agreement", "knn_accuracy", "map_at_r", "knn_auc", "global_auc",
                    "global_triplet_violation_rate", "continuity_accuracy"]
@@ -152,10 +163,40 @@ def write_deep_knn(run: RunDir, meta: dict, max_queries: int, max_depth: int, se
     return info
 
 
+def write_knn_labels(run: RunDir) -> int:
+    """knn_labels/ for every index layer whose file is missing or was made from other files;
+    returns the edges written. The rows are the catalog's own fallback join."""
+    meta = run.read_meta()
+    todo = [k["name"] for k in meta.get("index_layers", [])
+            if run.parquet_files("knn", layer_dir(k["name"]))
+            and not (run.parquet_files("knn_labels", layer_dir(k["name"]))
+                     and read_json(catalog.knn_labels_marker(run, k["name"])) == catalog.knn_labels_sources(run, k["name"]))]
+    written = 0
+    for name in todo:
+        sources = catalog.knn_labels_sources(run, name)
+        marker = catalog.knn_labels_marker(run, name)
+        con = catalog.connect(run.path, locked=False)  # here knn_labels is the join (no file, or a stale one)
+        rows = con.sql("SELECT * FROM knn_labels WHERE layer = $layer", params={"layer": name})
+        writer = AtomicParquetWriter(run.p("knn_labels", layer_dir(name), "part-00000.parquet"), LABELS_SCHEMA)
+        try:
+            for batch in rows.to_arrow_reader(1 << 20):
+                writer.write(pa.Table.from_batches([batch]).cast(LABELS_SCHEMA))
+                written += batch.num_rows
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            con.close()
+        writer.close()
+        write_json_atomic(marker, sources)
+    return written
+
+
 def run(run_dir: RunDir, cfg: Config, progress) -> dict:
     t0 = time.perf_counter()
     meta = run_dir.read_meta()
     info = write_deep_knn(run_dir, meta, cfg.deep_queries, cfg.deep_k, cfg.seed)
+    info["knn_labels_written"] = write_knn_labels(run_dir)
     from featscope.stages.twins import write_twins  # what the continuity measure reads (perturbed views)
 
     info.update(write_twins(run_dir, meta, cfg.continuity_queries, cfg.seed))

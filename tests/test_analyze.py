@@ -59,9 +59,19 @@ def test_analyze_writes_every_measure_and_a_seeded_sample(run, syn):
     mtime = RunDir(run).p("knn_deep", "conv", "part-00000.parquet")
     import os
 
-    before = os.stat(mtime).st_mtime_ns
-    analyze.run(RunDir(run), cfg, lambda items, **kw: items)
+    from featscope.core.rundir import layer_dir
+
+    for layer in INDEX_LAYERS:  # every knn edge, with its labels (tests/test_queries.py checks the values)
+        labelled = pq.read_table(RunDir(run).p("knn_labels", layer_dir(layer["name"])))
+        assert labelled.num_rows == pq.read_table(RunDir(run).p("knn", layer_dir(layer["name"]))).num_rows
+        assert set(labelled.column("layer").to_pylist()) == {layer["name"]}
+    assert res["knn_labels_written"] == sum(pq.read_table(RunDir(run).p("knn_labels", layer_dir(l["name"]))).num_rows
+                                            for l in INDEX_LAYERS)
+    labels_file = RunDir(run).p("knn_labels", "conv", "part-00000.parquet")
+    before, labels_before = os.stat(mtime).st_mtime_ns, os.stat(labels_file).st_mtime_ns
+    again = analyze.run(RunDir(run), cfg, lambda items, **kw: items)
     assert os.stat(mtime).st_mtime_ns == before
+    assert again["knn_labels_written"] == 0 and os.stat(labels_file).st_mtime_ns == labels_before
     assert sorted(set(pq.read_table(RunDir(run).p("knn_deep", "conv")).column("query_id").to_pylist())) == first
     agreement = {(r["layer"], r["scope"]): r for r in pq.read_table(RunDir(run).p("results", "knn_agreement.parquet")).to_pylist()}
     assert agreement[("conv", "all")]["deep_n"] == 100 - sum(syn.labels[np.isin(syn.ids, first)] == 5)

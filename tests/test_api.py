@@ -20,7 +20,7 @@ from tests.conftest import DIGITS
 
 ROOT = Path(__file__).resolve().parents[1]
 VIEWS = ("images", "layers", "predictions", "embeddings", "cams", "explanations", "explanation_pairs", "perturbations",
-         "knn", "knn_deep", "twins", "index_layers", "errors")
+         "knn", "knn_deep", "knn_labels", "twins", "index_layers", "errors")
 
 
 def cli(*argv: str) -> str:

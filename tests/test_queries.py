@@ -16,7 +16,7 @@ from featscope.core import catalog
 from featscope.cli import main
 from featscope.core.config import UserError
 from featscope.core.rundir import RunDir
-from featscope.stages.analyze import write_deep_knn
+from featscope.stages.analyze import write_deep_knn, write_knn_labels
 from tests.synthetic_measures import INDEX_LAYERS, K, Synthetic, write_run
 
 SEED, PAIRS, TRIPLETS = 3, 20000, 20000
@@ -27,6 +27,7 @@ def _make(path, syn):
     write_run(str(path), syn)
     run = RunDir(str(path))
     write_deep_knn(run, run.read_meta(), 20000, 1000, 0)
+    assert write_knn_labels(run) > 0  # the measures below read the stored labelled edges
     return str(path)
 
 
@@ -112,6 +113,69 @@ def test_musgrave_figures_with_a_shallow_deep_search_equal_numpy(tmp_path, syn):
         assert got["r_precision"] == pytest.approx(np.mean(rp), abs=1e-12)
         assert got["map_at_r"] == pytest.approx(np.mean(mapr), abs=1e-12)
         assert np.any(r[keep] < sizes[syn.labels][keep] - 1)  # the cap is exercised
+
+
+def test_knn_labels_stored_by_analyze_are_the_edges_labels_and_a_stale_file_is_not_read(tmp_path, run, syn):
+    """knn_labels (stored by the analyze stage) is every knn edge with the query's label and
+    prediction and the neighbour's label; a run without the file gets the same rows from the
+    catalog's join and the same figures; once the knn files change, the old file is not read
+    (the catalog joins again) until write_knn_labels makes it anew."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from featscope.core.rundir import layer_dir
+
+    label = dict(zip(syn.ids, syn.labels))
+    pred = dict(zip(syn.ids, syn.pred))
+
+    def rows(path):
+        con = catalog.connect(path, locked=True)
+        return con.execute("SELECT layer, query_id, rank, distance, label, pred, neighbor_label FROM knn_labels "
+                           "ORDER BY layer, query_id, rank").fetchall()
+
+    def reads_stored(path, layer=None):  # the catalog reads the stored file (of that layer, or any)
+        return f"knn_labels/{layer_dir(layer) + '/' if layer else ''}" in catalog.catalog_sql(RunDir(path)).replace("\\", "/")
+
+    stored = rows(run)
+    assert all(reads_stored(run, layer["name"]) for layer in INDEX_LAYERS)
+    for layer in INDEX_LAYERS:  # against the knn files and the synthetic labels, read apart
+        t = pq.read_table(RunDir(run).p("knn", layer_dir(layer["name"]))).sort_by([("query_id", "ascending"), ("rank", "ascending")])
+        want = [(layer["name"], q, r, d, int(label[q]), int(pred[q]), int(label[n])) for q, r, n, d in zip(
+            t.column("query_id").to_pylist(), t.column("rank").to_pylist(), t.column("neighbor_id").to_pylist(),
+            t.column("distance").to_pylist())]
+        assert [r for r in stored if r[0] == layer["name"]] == want
+    assert any(r[4] != r[6] for r in stored) and any(r[4] != r[5] for r in stored)
+
+    plain = str(tmp_path / "plain")  # a run from before knn_labels/
+    shutil.copytree(run, plain)
+    shutil.rmtree(RunDir(plain).p("knn_labels"))
+    assert not reads_stored(plain) and rows(plain) == stored
+    def same(a, b):  # (averages summed in another order: the last bit may differ)
+        return len(a) == len(b) and all(x == pytest.approx(y, rel=1e-12, abs=1e-12) for x, y in zip(a, b))
+
+    want = {m: measure(run, m) for m in ("knn_agreement", "class_distances", "suspicious")}
+    for m, got in want.items():
+        assert same(measure(plain, m), got), m
+
+    # the knn stage runs again (here: the first layer's neighbours reversed per query)
+    first = INDEX_LAYERS[0]["name"]
+    stale = str(tmp_path / "stale")
+    shutil.copytree(run, stale)
+    for f in RunDir(stale).parquet_files("knn", layer_dir(first)):
+        t = pq.read_table(f)
+        reversed_ids = pa.array(t.column("neighbor_id").to_numpy()[::-1].copy())
+        pq.write_table(t.set_column(t.schema.get_field_index("neighbor_id"), "neighbor_id", reversed_ids), f)
+    assert not reads_stored(stale, first) and reads_stored(stale, INDEX_LAYERS[1]["name"])  # the stale one is not read
+    fresh = str(tmp_path / "fresh")
+    shutil.copytree(stale, fresh)
+    shutil.rmtree(RunDir(fresh).p("knn_labels"))
+    assert rows(stale) == rows(fresh) != stored
+    changed = measure(stale, "knn_agreement")
+    assert same(changed, measure(fresh, "knn_agreement")) and not same(changed, want["knn_agreement"])
+    assert write_knn_labels(RunDir(stale)) == sum(r[0] == first for r in stored)  # only the stale layer
+    assert reads_stored(stale, first) and rows(stale) == rows(fresh)
 
 
 def test_deep_hits_stored_by_analyze_and_computed_for_older_files_agree(tmp_path, run, syn):

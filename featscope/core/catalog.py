@@ -5,7 +5,8 @@ Views: images, layers, predictions, embeddings (vec as FLOAT[] for every layer),
 explanation_pairs (the analyze stage's comparisons of each view's map with the original's), one
 `embeddings_<layer>` view per layer with vec cast back to FLOAT[dim] (Parquet loses the
 fixed-size-list length) so that array_distance / array_cosine_distance work, cams, knn,
-knn_deep (the analyze stage's deeper search for a sample of queries), index_layers (layer,
+knn_deep (the analyze stage's deeper search for a sample of queries), knn_labels (every knn edge
+with the query's label and prediction and the neighbour's label), index_layers (layer,
 features, metric, pooling, dim: what each knn `layer` value is) and errors. Paths are
 absolute, so `duckdb -init RUN/catalog.sql` works from any directory; featscope regenerates
 the file whenever it writes the run (and in memory on every connection, so a moved run still
@@ -20,7 +21,7 @@ from urllib.parse import unquote
 import duckdb
 
 from .config import UserError
-from .rundir import RunDir, join, layer_dir, read_schema
+from .rundir import RunDir, file_stamp, join, layer_dir, read_json, read_schema
 
 _EMPTY = {
     "images": "SELECT NULL::BIGINT AS image_id, NULL::VARCHAR AS uri, NULL::INTEGER AS label, "
@@ -31,6 +32,8 @@ _EMPTY = {
            "NULL::BIGINT AS neighbor_id, NULL::FLOAT AS distance",
     "knn_deep": "SELECT NULL::VARCHAR AS layer, NULL::BIGINT AS query_id, NULL::INTEGER AS rank, "
                 "NULL::BIGINT AS neighbor_id, NULL::FLOAT AS distance, NULL::BOOLEAN AS hit",
+    "knn_labels": "SELECT NULL::VARCHAR AS layer, NULL::BIGINT AS query_id, NULL::INTEGER AS rank, "
+                  "NULL::FLOAT AS distance, NULL::INTEGER AS label, NULL::INTEGER AS pred, NULL::INTEGER AS neighbor_label",
     "index_layers": "SELECT NULL::VARCHAR AS layer, NULL::VARCHAR AS features, NULL::VARCHAR AS metric, "
                     "NULL::VARCHAR AS pooling, NULL::INTEGER AS dim",
     "errors": "SELECT NULL::VARCHAR AS uri, NULL::VARCHAR AS stage, NULL::VARCHAR AS error, NULL::VARCHAR AS message",
@@ -75,6 +78,37 @@ def _deep_select(run: RunDir, layer: str) -> str:
     return (f"SELECT d.layer, d.query_id, d.rank, d.neighbor_id, d.distance, nb.label = q.label AS hit "
             f"FROM read_parquet({g}) d JOIN images q ON q.image_id = d.query_id "
             f"JOIN images nb ON nb.image_id = d.neighbor_id")
+
+
+def knn_labels_sources(run: RunDir, layer: str) -> dict:
+    """What one layer's knn_labels/ file was made from: the (name, size, mtime) of the knn files,
+    the images files and the predictions' files (the first layer with features, as the
+    `predictions` view reads). The analyze stage stores it beside the file; the catalog uses the
+    file only while this is unchanged."""
+    meta = run.read_meta()
+    first = next((l["name"] for l in meta.get("layers", []) if run.parquet_files("features", layer_dir(l["name"]))), None)
+    parts = {"knn": ("knn", layer_dir(layer)), "images": ("images",),
+             "predictions": ("features", layer_dir(first)) if first else None}
+    return {what: [[f.rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1], *file_stamp(f)] for f in sorted(run.parquet_files(*where))]
+            if where else [] for what, where in parts.items()}
+
+
+def knn_labels_marker(run: RunDir, layer: str) -> str:
+    return run.p("knn_labels", layer_dir(layer) + ".json")
+
+
+def _labels_select(run: RunDir, layer: str) -> str:
+    """One layer's knn edges with the query's label and prediction and the neighbour's label: the
+    analyze stage's knn_labels/ file while it matches the knn, images and predictions files it was
+    made from, else the same join here (runs from before the file, or a knn stage run again)."""
+    stored = _glob(run, "knn_labels", layer_dir(layer))
+    if stored and read_json(knn_labels_marker(run, layer)) == knn_labels_sources(run, layer):
+        return f"SELECT layer, query_id, rank, distance, label, pred, neighbor_label FROM read_parquet({stored})"
+    return (f"SELECT e.layer, e.query_id, e.rank, e.distance, q.label, p.pred, nb.label AS neighbor_label "
+            f"FROM read_parquet({_glob(run, 'knn', layer_dir(layer))}) e "
+            f"JOIN images q ON q.image_id = e.query_id "
+            f"LEFT JOIN predictions p ON p.image_id = e.query_id AND p.view = 'orig' "
+            f"JOIN images nb ON nb.image_id = e.neighbor_id")
 
 
 def catalog_sql(run: RunDir) -> str:
@@ -136,6 +170,8 @@ def catalog_sql(run: RunDir) -> str:
     view("knn", " UNION ALL ".join(
         f"SELECT layer, query_id, rank, neighbor_id, distance FROM read_parquet({_glob(run, 'knn', layer_dir(k))})"
         for k in knn_layers) or None)
+    # the labels of every knn edge's two ends (knn_agreement.sql's edges), stored by the analyze stage
+    view("knn_labels", " UNION ALL ".join(_labels_select(run, k) for k in knn_layers) or None)
     # the deep search of the analyze stage (precision@1, R-precision, MAP@R need R = class size - 1 neighbours)
     deep_layers = [k["name"] for k in meta.get("index_layers", []) if run.parquet_files("knn_deep", layer_dir(k["name"]))]
     view("knn_deep", " UNION ALL ".join(_deep_select(run, k) for k in deep_layers) or None)
