@@ -84,8 +84,12 @@ def make_run(path: str, n: int, classes: int, k: int, deep_queries: int, seed: i
     rows = np.sort(rng.choice(n, min(deep_queries, n), replace=False))
     nb = neighbours(rows, depth, 0.5)
     dist = np.sort(rng.gamma(4.0, 0.5, (len(rows), depth)).astype(np.float32), axis=1)
-    # with hit (the neighbour carries the query's label), as the analyze stage stores it
-    deep = _knn_table(ids[rows], ids[nb], dist).append_column("hit", pa.array((labels[nb] == labels[rows][:, None]).ravel()))
+    # as the analyze stage stores it: each query down to its R (capped at the depth), with hit (the
+    # neighbour carries the query's label) and hits (the hits at this rank or nearer)
+    hit = labels[nb] == labels[rows][:, None]
+    keep = np.arange(1, depth + 1)[None, :] <= np.minimum(size[labels[rows]] - 1, depth)[:, None]
+    deep = _knn_table(ids[rows], ids[nb], dist).append_column("hit", pa.array(hit.ravel())).append_column(
+        "hits", pa.array(np.cumsum(hit, axis=1, dtype=np.int32).ravel())).filter(pa.array(keep.ravel()))
     _write(path, f"knn_deep/{LAYER}", "part-00000.parquet", deep)
     meta = {"fingerprint": "benchmark", "config": {"k": k, "seed": 0}, "dataset": {"classes": list(names)},
             "layers": [{"name": LAYER, "alias": LAYER, "node": "fc", "dim": DIM, "pooling": "none"}],

@@ -17,7 +17,7 @@
 --                   over the positions i <= R that carry it, of precision@i. R reaches past the
 --                   kNN graph's k, so these three come from knn_deep: the analyze stage's exact
 --                   search, for every image (up to deep_queries images, default 20000) or else
---                   for a seeded sample of deep_queries images, as deep as the largest R or
+--                   for a seeded sample of deep_queries images, each query down to its R or
 --                   deep_k (default 1000), whichever is smaller; R is capped at that depth.
 --                   Images alone in their class (R = 0) are left out, as in
 --                   pytorch-metric-learning's AccuracyCalculator.
@@ -128,37 +128,23 @@ agreement AS (
     GROUP BY GROUPING SETS ((layer), (layer, label))
 ),
 
--- R of a class: its other images among those with features (the search's reference set)
-class_sizes AS (
-    SELECT l.label, count(*) AS size
-    FROM predictions p JOIN labels l USING (image_id)
-    WHERE p.view = 'orig'
-    GROUP BY l.label
-),
--- per searched query: how deep knn_deep goes and the ranks of its hits (hit: the neighbour
--- carries the query's label, stored by the analyze stage); then R = class size - 1, or fewer
--- when knn_deep stops earlier (it lists ranks 1, 2, ... without gaps), and the ranks of the hits
--- within R; the j-th hit, at rank i, adds precision@i = j / i to MAP@R. (Labels and class sizes
--- join the ~10,000 per-query rows, not the 10M deep edges.)
+-- per searched query: knn_deep lists its R nearest (R capped at the search's depth), with hit
+-- (the neighbour carries the query's label) and hits (the hits at this rank or nearer), stored by
+-- the analyze stage; the j-th hit, at rank i, adds precision@i = j / i to MAP@R. Plain sums per
+-- query; the labels join the ~10,000 per-query rows, not the 10M deep edges. (A query alone in
+-- its class has R = 0 and no rows.)
 deep_per_query AS (
-    SELECT layer, query_id, label,
-        coalesce(hit_ranks[1] = 1, false)::INTEGER AS precision_at_1,
-        len(hit_ranks) / r AS r_precision,
-        coalesce(list_sum(list_transform(hit_ranks, lambda i, j: j / i)), 0) / r AS map_at_r
+    SELECT d.layer, d.query_id, l.label, d.precision_at_1, d.r_precision, d.map_at_r
     FROM (
-        SELECT q.layer, q.query_id, l.label, least(q.depth, cs.size - 1) AS r,
-            list_filter(q.hit_ranks, lambda i: i < cs.size) AS hit_ranks
-        FROM (
-            SELECT layer, query_id, count(*) AS depth,
-                list_sort(coalesce(list(rank) FILTER (WHERE hit), [])) AS hit_ranks
-            FROM knn_deep
-            WHERE getvariable('layer') IS NULL OR layer = getvariable('layer')
-            GROUP BY layer, query_id
-        ) q
-        JOIN labels l ON l.image_id = q.query_id
-        JOIN class_sizes cs ON cs.label = l.label
-    )
-    WHERE r > 0  -- alone in its class
+        SELECT layer, query_id,
+            (count(*) FILTER (WHERE hit AND rank = 1))::INTEGER AS precision_at_1,
+            count(*) FILTER (WHERE hit) / count(*) AS r_precision,
+            coalesce(sum(hits / rank) FILTER (WHERE hit), 0) / count(*) AS map_at_r
+        FROM knn_deep
+        WHERE getvariable('layer') IS NULL OR layer = getvariable('layer')
+        GROUP BY layer, query_id
+    ) d
+    JOIN labels l ON l.image_id = d.query_id
 ),
 musgrave AS (
     SELECT layer, label,

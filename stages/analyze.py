@@ -6,9 +6,10 @@ Musgrave et al.'s R-precision and MAP@R look at the R = class size - 1 nearest i
 query, far deeper than the kNN graph's k. So this stage runs its own exact search (blocked
 torch matmul + topk, float64 so that the ranking is exact) for every image when there are at
 most `deep_queries` images, else for a seeded sample of `deep_queries` images, down to depth
-min(largest R, deep_k), and writes it as `knn_deep/<layer>/part-00000.parquet` (the schema of
-knn/ plus `hit`: the neighbour carries the query's label). Reference shards are streamed: memory
-holds the queries' running top lists, not the dataset.
+min(largest R, deep_k), and writes it as `knn_deep/<layer>/part-00000.parquet`: for each query
+its min(R, deep_k) nearest, in the schema of knn/ plus `hit` (the neighbour carries the query's
+label) and `hits` (the hits at this rank or nearer). Reference shards are streamed: memory holds
+the queries' running top lists, not the dataset.
 
 It also writes `knn_labels/<layer>/part-00000.parquet`: every knn edge with the query's label and
 prediction and the neighbour's label, the join that knn_agreement.sql would otherwise make on
@@ -27,12 +28,17 @@ from featscope.core import catalog
 from featscope.core.config import Config, UserError
 from featscope.core.rundir import AtomicParquetWriter, layer_dir, read_json, read_table, RunDir, write_json_atomic, write_table_atomic
 
-# knn/'s columns plus hit: the neighbour carries the query's label. Stored here, where the labels
-# are at hand, it spares knn_agreement.sql a join of ~10M deep edges to the images (~0.6 s of the
-# 1M-image suite on 2 cores); knn_deep files written before it had no hit column, and the catalog
-# view then computes it (featscope/core/catalog.py)
+# knn/'s columns plus hit (the neighbour carries the query's label) and hits (the hits at this rank
+# or nearer), each query down to its own R (capped at the depth). Stored here, where the labels are
+# at hand, they spare knn_agreement.sql a join of ~10M deep edges to the images (~0.6 s of the
+# 1M-image suite on 2 cores) and its per-query lists of hit ranks (~0.3 s): precision@1,
+# R-precision and MAP@R are plain sums per query. knn_deep files written before them (every
+# query to the same depth; no hit, or no hits) get both from the catalog view
+# (featscope/core/catalog.py), cut at each query's R there.
 DEEP_SCHEMA = pa.schema([("layer", pa.string()), ("query_id", pa.int64()), ("rank", pa.int32()),
-                         ("neighbor_id", pa.int64()), ("distance", pa.float32()), ("hit", pa.bool_())])
+                         ("neighbor_id", pa.int64()), ("distance", pa.float32()), ("hit", pa.bool_()),
+                         ("hits", pa.int32())])
+DEEP_FORMAT = 2  # 1: every query to the same depth, without hits
 # the knn edges with their labels (knn_agreement.sql's edges; the catalog's knn_labels view). The
 # join of ~10M edges to the images twice cost ~1 s of the 1M-image suite on 2 cores, on every
 # connection; made here once per knn. knn_labels/<layer>.json holds what it was made from
@@ -130,14 +136,15 @@ def write_deep_knn(run: RunDir, meta: dict, max_queries: int, max_depth: int, se
     for layer in meta.get("index_layers", []):
         name, features, metric = layer["name"], layer["features"], layer["metric"]
         ids = np.sort(np.concatenate([i for i, _ in _shards(run, features)] or [np.zeros(0, np.int64)]))
-        _, sizes = np.unique([label_of[i] for i in ids], return_counts=True)
+        classes, sizes = np.unique([label_of[i] for i in ids], return_counts=True)
         depth = int(min(sizes.max() - 1, max_depth)) if len(sizes) else 0
         sample = "all" if len(ids) <= max_queries else f"seeded sample (seed {seed})"
         query_ids = ids if len(ids) <= max_queries else \
             np.sort(np.random.default_rng(seed).choice(ids, max_queries, replace=False))
         info = {"deep_images": len(ids), "deep_queries": len(query_ids), "deep_k": depth, "deep_sample": sample}
         marker = run.p("knn_deep", layer_dir(name) + ".json")
-        stamp = {"fingerprint": meta.get("fingerprint"), "features": features, "metric": metric, **info}
+        stamp = {"fingerprint": meta.get("fingerprint"), "features": features, "metric": metric, **info,
+                 "format": DEEP_FORMAT}
         if run.parquet_files("knn_deep", layer_dir(name)) and read_json(marker) == stamp:
             continue  # already searched with the same settings
         path = run.p("knn_deep", layer_dir(name), "part-00000.parquet")
@@ -145,15 +152,20 @@ def write_deep_knn(run: RunDir, meta: dict, max_queries: int, max_depth: int, se
             continue
         qids, nbr, dist = deep_search(run, features, metric, query_ids, depth)
         hit = labels(nbr.ravel()).reshape(nbr.shape) == labels(qids)[:, None]
+        hits = np.cumsum(hit, axis=1, dtype=np.int32)
+        r = np.minimum(sizes[np.searchsorted(classes, labels(qids))] - 1, depth)  # each query's R, capped
+        ranks = np.arange(1, depth + 1, dtype=np.int32)
         writer = AtomicParquetWriter(path, DEEP_SCHEMA)
         try:
             for q0 in range(0, len(qids), 4096):
-                n, d = nbr[q0:q0 + 4096], dist[q0:q0 + 4096]
+                keep = ranks[None, :] <= r[q0:q0 + 4096, None]
+                n = int(keep.sum())
                 writer.write(pa.table({
-                    "layer": pa.array([name] * n.size, pa.string()),
-                    "query_id": np.repeat(qids[q0:q0 + 4096], depth),
-                    "rank": np.tile(np.arange(1, depth + 1, dtype=np.int32), len(n)),
-                    "neighbor_id": n.ravel(), "distance": d.ravel(), "hit": hit[q0:q0 + 4096].ravel()},
+                    "layer": pa.array([name] * n, pa.string()),
+                    "query_id": np.repeat(qids[q0:q0 + 4096], keep.sum(axis=1)),
+                    "rank": np.broadcast_to(ranks, keep.shape)[keep],
+                    "neighbor_id": nbr[q0:q0 + 4096][keep], "distance": dist[q0:q0 + 4096][keep],
+                    "hit": hit[q0:q0 + 4096][keep], "hits": hits[q0:q0 + 4096][keep]},
                     schema=DEEP_SCHEMA))
         except BaseException:
             writer.abort()

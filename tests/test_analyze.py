@@ -53,8 +53,13 @@ def test_analyze_writes_every_measure_and_a_seeded_sample(run, syn):
         assert t.num_rows > 0 or m in ("continuity", "continuity_images", "explanation_continuity",
                                        "explanation_images")  # no perturbed views in this run
     deep = pq.read_table(RunDir(run).p("knn_deep", "conv"))
-    assert deep.num_rows == 100 * 30 and set(deep.column("rank").to_pylist()) == set(range(1, 31))
     first = sorted(set(deep.column("query_id").to_pylist()))
+    sizes, label_of = np.bincount(syn.labels), dict(zip(syn.ids, syn.labels))
+    sample = np.sort(np.random.default_rng(cfg.seed).choice(np.sort(syn.ids), 100, replace=False))
+    # each query of the seeded sample to its R = class size - 1, capped at deep_k (the lone image: none)
+    assert first == [q for q in sample if sizes[label_of[q]] > 1]
+    assert deep.num_rows == sum(min(sizes[label_of[q]] - 1, 30) for q in sample) and \
+        set(deep.column("rank").to_pylist()) == set(range(1, 31))
     # the same seed gives the same sample, and a run with nothing changed keeps its search
     mtime = RunDir(run).p("knn_deep", "conv", "part-00000.parquet")
     import os
@@ -74,7 +79,7 @@ def test_analyze_writes_every_measure_and_a_seeded_sample(run, syn):
     assert again["knn_labels_written"] == 0 and os.stat(labels_file).st_mtime_ns == labels_before
     assert sorted(set(pq.read_table(RunDir(run).p("knn_deep", "conv")).column("query_id").to_pylist())) == first
     agreement = {(r["layer"], r["scope"]): r for r in pq.read_table(RunDir(run).p("results", "knn_agreement.parquet")).to_pylist()}
-    assert agreement[("conv", "all")]["deep_n"] == 100 - sum(syn.labels[np.isin(syn.ids, first)] == 5)
+    assert agreement[("conv", "all")]["deep_n"] == len(first) == 100 - sum(sizes[label_of[q]] == 1 for q in sample)
     columns, rows = analyze.summary_rows(run)
     assert columns[0] == "layer" and {r[0] for r in rows} == {l["name"] for l in INDEX_LAYERS}
 

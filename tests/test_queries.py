@@ -179,30 +179,55 @@ def test_knn_labels_stored_by_analyze_are_the_edges_labels_and_a_stale_file_is_n
 
 
 def test_deep_hits_stored_by_analyze_and_computed_for_older_files_agree(tmp_path, run, syn):
-    """knn_deep's hit column (stored by the analyze stage) is the neighbour's label against the
-    query's; a knn_deep written before the column existed gets it from the catalog view, with
+    """knn_deep (stored by the analyze stage) lists each query's R = class size - 1 nearest
+    (capped at the depth), with hit (the neighbour's label against the query's) and hits (the
+    hits at that rank or nearer); knn_deep files in the two earlier formats (every query to the
+    same depth, with hit or without it) get hit, hits and the cut from the catalog view, with
     the same figures."""
     import shutil
 
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from featscope.core.rundir import layer_dir
+    from featscope.core.rundir import layer_dir, read_json
+    from featscope.stages.analyze import deep_search
 
     rd = RunDir(run)
     index = {i: lab for i, lab in zip(syn.ids, syn.labels)}
+    sizes = np.bincount(syn.labels)
     for layer in INDEX_LAYERS:
-        t = pq.read_table(rd.p("knn_deep", layer_dir(layer["name"])))
-        want = [index[n] == index[q] for q, n in zip(t.column("query_id").to_pylist(), t.column("neighbor_id").to_pylist())]
-        assert t.column("hit").to_pylist() == want and any(want) and not all(want)
-    old = str(tmp_path / "old")
-    shutil.copytree(run, old)
-    for layer in INDEX_LAYERS:
-        for f in RunDir(old).parquet_files("knn_deep", layer_dir(layer["name"])):
-            pq.write_table(pq.read_table(f).drop_columns(["hit"]), f)
-    got, want = measure(old, "knn_agreement"), measure(run, "knn_agreement")
-    assert len(got) == len(want) > len(INDEX_LAYERS)
-    for a, b in zip(got, want):  # (averages summed in another order: the last bit may differ)
-        assert a == pytest.approx(b, rel=1e-12, abs=1e-12)
+        t = pq.read_table(rd.p("knn_deep", layer_dir(layer["name"]))).sort_by([("query_id", "ascending"), ("rank", "ascending")])
+        depth = read_json(rd.p("knn_deep", layer_dir(layer["name"]) + ".json"))["deep_k"]
+        q, n = t.column("query_id").to_numpy(), t.column("neighbor_id").to_numpy()
+        want = np.array([index[a] == index[b] for a, b in zip(q, n)])
+        assert t.column("hit").to_pylist() == want.tolist() and want.any() and not want.all()
+        qs, counts = np.unique(q, return_counts=True)
+        assert counts.tolist() == [min(sizes[index[i]] - 1, depth) for i in qs] and len(set(counts)) > 1
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        cum = np.concatenate([np.cumsum(want[s:s + c]) for s, c in zip(starts, counts)])
+        assert t.column("hits").to_numpy().tolist() == cum.tolist()
+    want = measure(run, "knn_agreement")
+    for keep_hit in (True, False):
+        old = str(tmp_path / f"old-{keep_hit}")
+        shutil.copytree(run, old)
+        for layer in INDEX_LAYERS:  # as the analyze stage wrote them before: every query to the depth
+            folder = layer_dir(layer["name"])
+            stored = pq.read_table(RunDir(old).p("knn_deep", folder))
+            depth = read_json(RunDir(old).p("knn_deep", folder + ".json"))["deep_k"]
+            qids, nbr, dist = deep_search(RunDir(old), layer["features"], layer["metric"],
+                                          np.unique(stored.column("query_id").to_numpy()), depth)
+            cols = {"layer": pa.array([layer["name"]] * nbr.size), "query_id": np.repeat(qids, depth),
+                    "rank": np.tile(np.arange(1, depth + 1, dtype=np.int32), len(qids)),
+                    "neighbor_id": nbr.ravel(), "distance": dist.ravel()}
+            if keep_hit:
+                cols["hit"] = np.array([index[a] == index[b] for a, b in zip(cols["query_id"], cols["neighbor_id"])])
+            assert nbr.size > stored.num_rows  # the old files go deeper for the smaller classes
+            for f in RunDir(old).parquet_files("knn_deep", folder):
+                pq.write_table(pa.table(cols), f)
+        got = measure(old, "knn_agreement")
+        assert len(got) == len(want) > len(INDEX_LAYERS)
+        for a, b in zip(got, want):  # (averages summed in another order: the last bit may differ)
+            assert a == pytest.approx(b, rel=1e-12, abs=1e-12)
 
 
 def _numpy_agreement(syn, layer, k):

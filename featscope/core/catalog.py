@@ -31,7 +31,7 @@ _EMPTY = {
     "knn": "SELECT NULL::VARCHAR AS layer, NULL::BIGINT AS query_id, NULL::INTEGER AS rank, "
            "NULL::BIGINT AS neighbor_id, NULL::FLOAT AS distance",
     "knn_deep": "SELECT NULL::VARCHAR AS layer, NULL::BIGINT AS query_id, NULL::INTEGER AS rank, "
-                "NULL::BIGINT AS neighbor_id, NULL::FLOAT AS distance, NULL::BOOLEAN AS hit",
+                "NULL::BIGINT AS neighbor_id, NULL::FLOAT AS distance, NULL::BOOLEAN AS hit, NULL::INTEGER AS hits",
     "knn_labels": "SELECT NULL::VARCHAR AS layer, NULL::BIGINT AS query_id, NULL::INTEGER AS rank, "
                   "NULL::FLOAT AS distance, NULL::INTEGER AS label, NULL::INTEGER AS pred, NULL::INTEGER AS neighbor_label",
     "index_layers": "SELECT NULL::VARCHAR AS layer, NULL::VARCHAR AS features, NULL::VARCHAR AS metric, "
@@ -70,14 +70,22 @@ def _glob(run: RunDir, *parts: str) -> str | None:
 
 
 def _deep_select(run: RunDir, layer: str) -> str:
-    """One layer's knn_deep rows; hit (the neighbour carries the query's label) as the analyze
-    stage stored it, or, in files written before it stored one, from the images' labels."""
+    """One layer's knn_deep rows, each query down to its R (class size - 1, capped at the depth),
+    with hit (the neighbour carries the query's label) and hits (the hits at this rank or
+    nearer), as the analyze stage stores them; files written before it stored them list every
+    query to the same depth, and this view computes what they lack and cuts each query at its R."""
     g = _glob(run, "knn_deep", layer_dir(layer))
-    if "hit" in read_schema(sorted(run.parquet_files("knn_deep", layer_dir(layer)))[0]).names:
-        return f"SELECT layer, query_id, rank, neighbor_id, distance, hit FROM read_parquet({g})"
-    return (f"SELECT d.layer, d.query_id, d.rank, d.neighbor_id, d.distance, nb.label = q.label AS hit "
-            f"FROM read_parquet({g}) d JOIN images q ON q.image_id = d.query_id "
-            f"JOIN images nb ON nb.image_id = d.neighbor_id")
+    have = set(read_schema(sorted(run.parquet_files("knn_deep", layer_dir(layer)))[0]).names)
+    if "hits" in have:
+        return f"SELECT layer, query_id, rank, neighbor_id, distance, hit, hits FROM read_parquet({g})"
+    hit = "d.hit" if "hit" in have else "nb.label = q.label"
+    neighbour = "" if "hit" in have else "JOIN images nb ON nb.image_id = d.neighbor_id "
+    return (f"SELECT d.layer, d.query_id, d.rank, d.neighbor_id, d.distance, {hit} AS hit, "
+            f"(sum(({hit})::INTEGER) OVER (PARTITION BY d.query_id ORDER BY d.rank))::INTEGER AS hits "
+            f"FROM read_parquet({g}) d JOIN images q ON q.image_id = d.query_id {neighbour}"
+            f"JOIN (SELECT i.label, count(*) AS size FROM predictions p JOIN images i USING (image_id) "
+            f"WHERE p.view = 'orig' GROUP BY i.label) cs ON cs.label = q.label "
+            f"WHERE d.rank < cs.size")
 
 
 def knn_labels_sources(run: RunDir, layer: str) -> dict:
