@@ -86,6 +86,13 @@ SELECT image_id, label,
 FROM predictions JOIN (SELECT image_id, label FROM images) USING (image_id)
 WHERE view = 'orig';
 
+-- the numbering of (blk, label) in class_ranks below: an INTEGER while blocks x classes stay under 2^31
+SET VARIABLE class_distances_labels = (SELECT coalesce(max(label), -1) + 2 FROM images)::BIGINT;
+SET VARIABLE class_distances_labels = CASE
+    WHEN (SELECT max(blk) + 1 FROM results_class_distances_blocks) * getvariable('class_distances_labels') >= 2147483648
+    THEN error('class_distances: too many classes x layers to number (blocks x classes must stay under 2^31)')
+    ELSE getvariable('class_distances_labels') END;
+
 -- each measured layer's vectors of the originals, in its metric
 CREATE OR REPLACE TEMP VIEW class_distances_vectors AS
 SELECT l.layer, l.metric, v.image_id, v.vec
@@ -169,15 +176,16 @@ scope_ranks AS (
                  by_distance_same AS (PARTITION BY blk ORDER BY distance, same))
     GROUP BY blk
 ),
--- Per class the same sort trick, partitioned by one BIGINT that packs (blk, label) (label + 2^31
--- in the low 32 bits, 2^32 for NULL): ~20% faster than partitioning by the two columns (measured)
+-- Per class the same sort trick, partitioned by one INTEGER that numbers (blk, label) as
+-- blk * labels + label + 1 (0 for NULL; labels = the largest label + 2): ~20% faster than
+-- partitioning by the two columns, ~15% faster than a BIGINT packing (measured).
 class_ranks AS (
-    SELECT cls // 8589934592 AS blk,
-        CASE WHEN cls % 8589934592 < 4294967296 THEN (cls % 8589934592 - 2147483648)::INTEGER END AS label,
+    SELECT cls // getvariable('class_distances_labels') AS blk,
+        nullif(cls % getvariable('class_distances_labels'), 0) - 1 AS label,
         same_ranks
     FROM (SELECT cls, sum(ranks) FILTER (WHERE same) AS same_ranks
           FROM (SELECT cls, same, rank() OVER by_class - rank() OVER by_class_same + 2 * row_number() OVER by_class_same AS ranks
-                FROM (SELECT blk::BIGINT * 8589934592 + coalesce(label::BIGINT + 2147483648, 4294967296) AS cls, distance, same
+                FROM (SELECT (blk * getvariable('class_distances_labels') + coalesce(label + 1, 0))::INTEGER AS cls, distance, same
                       FROM all_pairs)
                 WINDOW by_class AS (PARTITION BY cls ORDER BY distance),
                        by_class_same AS (PARTITION BY cls ORDER BY distance, same))
