@@ -89,7 +89,7 @@ WHERE view = 'orig';
 -- the numbering of (blk, label) in class_ranks below: an INTEGER while blocks x classes stay under 2^31
 SET VARIABLE class_distances_labels = (SELECT coalesce(max(label), -1) + 2 FROM images)::BIGINT;
 SET VARIABLE class_distances_labels = CASE
-    WHEN (SELECT max(blk) + 1 FROM results_class_distances_blocks) * getvariable('class_distances_labels') >= 2147483648
+    WHEN (SELECT max(blk) + 1 FROM results_class_distances_blocks)::BIGINT * getvariable('class_distances_labels')::BIGINT >= 2147483648
     THEN error('class_distances: too many classes x layers to number (blocks x classes must stay under 2^31)')
     ELSE getvariable('class_distances_labels') END;
 

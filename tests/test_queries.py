@@ -373,6 +373,22 @@ def test_auc_counts_ties_as_half_per_scope_and_per_class(tmp_path):
     assert mixed_ties > 20  # equal distances with same- and different-class pairs: ties are exercised
 
 
+def test_class_numbering_past_the_integer_range_stops_with_one_clear_line(run):
+    """class_distances numbers each (block, class) as one INTEGER for its per-class window; labels
+    so large that blocks x classes pass 2^31 stop with its own error, not a cast failure deep in
+    the window (an images view shadowed in this connection with labels shifted by 2^30)."""
+    con = catalog.connect(run, locked=True)
+    meta = RunDir(run).read_meta()
+    queries.run_measure(con, "knn_agreement", {}, meta)
+    body = con.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'images' AND NOT temporary").fetchone()[0]
+    body = body.split(" AS ", 1)[1].rstrip().rstrip(";")  # CREATE VIEW images AS <select>;
+    con.execute(f"CREATE TEMP VIEW images AS SELECT * REPLACE (label + 1073741824 AS label) FROM ({body})")
+    with pytest.raises(duckdb.Error, match="too many classes x layers"):
+        queries.run_measure(con, "class_distances", {}, meta)
+    con.execute("DROP VIEW temp.images")
+    assert queries.run_measure(con, "class_distances", {}, meta).num_rows > 0  # the same connection, real labels
+
+
 def test_seeded_samples_are_deterministic(run):
     a = measure(run, "class_distances", seed=1, pairs=5000, triplets=5000)
     b = measure(run, "class_distances", seed=1, pairs=5000, triplets=5000)
