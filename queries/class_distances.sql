@@ -76,15 +76,24 @@ FROM results_knn_agreement_layers k
 JOIN index_layers i ON i.layer = k.layer
 CROSS JOIN (VALUES ('global', 1), ('knn', 0)) s(scope, first);
 
--- the images with features, numbered in (label, image_id) order: a class is one block of numbers
+-- the images with features, numbered in (label, image_id) order: a class is one block of numbers.
+-- A class starts where the smaller labels end (a running sum over the classes' sizes); within it
+-- the images are numbered by one window partitioned by class (cheaper than a sort of every image)
 CREATE OR REPLACE TEMP TABLE class_distances_numbered AS
-SELECT image_id, label,
-    row_number() OVER (ORDER BY label, image_id) - 1 AS idx,
-    row_number() OVER (ORDER BY label, image_id) - row_number() OVER (PARTITION BY label ORDER BY image_id) AS class_start,
-    count(*) OVER (PARTITION BY label) AS class_size,
-    count(*) OVER () AS n
-FROM predictions JOIN (SELECT image_id, label FROM images) USING (image_id)
-WHERE view = 'orig';
+WITH
+members AS MATERIALIZED (
+    SELECT image_id, label FROM predictions JOIN (SELECT image_id, label FROM images) USING (image_id)
+    WHERE view = 'orig'
+),
+classes AS (
+    SELECT label, class_size, (sum(class_size) OVER (ORDER BY label) - class_size)::BIGINT AS class_start,
+        (sum(class_size) OVER ())::BIGINT AS n
+    FROM (SELECT label, count(*) AS class_size FROM members GROUP BY label)
+)
+SELECT m.image_id, m.label,
+    (c.class_start + row_number() OVER (PARTITION BY m.label ORDER BY m.image_id) - 1)::BIGINT AS idx,
+    c.class_start, c.class_size, c.n
+FROM members m JOIN classes c ON c.label IS NOT DISTINCT FROM m.label;
 
 -- the numbering of (blk, label) in class_ranks below: an INTEGER while blocks x classes stay under 2^31
 SET VARIABLE class_distances_labels = (SELECT coalesce(max(label), -1) + 2 FROM images)::BIGINT;
@@ -148,7 +157,7 @@ CREATE OR REPLACE TEMP TABLE results_class_distances AS
 WITH
 numbered AS (SELECT * FROM class_distances_numbered),
 total AS (SELECT any_value(n) AS n FROM numbered),
-layer_vectors AS (SELECT * FROM class_distances_vectors),
+layer_vectors AS NOT MATERIALIZED (SELECT * FROM class_distances_vectors),  -- streamed through each join: a copy would hold every vector
 all_pairs AS NOT MATERIALIZED (SELECT * FROM results_class_distances_pairs),  -- read four times, through the view: no copy
 blocks AS (SELECT layer, scope, blk FROM results_class_distances_blocks),
 
