@@ -39,8 +39,8 @@ from featscope.core.config import UserError
 from featscope.core.rundir import layer_dir, local_file, read_json, remove, RunDir, shard_name, write_json_atomic, write_table_atomic
 
 from .basefile import BaseFile
-from .vectors import (base_signature, count_orig, exact_candidates, feature_files, finish, load_base, score_buffer,
-                      squared_norms)
+from .vectors import (NUMPY_BLAS_ENV, base_signature, count_orig, exact_candidates, feature_files, finish, load_base,
+                      score_buffer, squared_norms)
 
 KNN_SCHEMA = pa.schema([("layer", pa.string()), ("query_id", pa.int64()), ("rank", pa.int32()),
                         ("neighbor_id", pa.int64()), ("distance", pa.float32())])
@@ -53,8 +53,10 @@ class KnnWorker:
     def __init__(self, run_path: str, layer: str, ids: np.ndarray | None, base: np.ndarray | None,
                  index_path: str | None, metric: str, k: int, threads: int, device: str, features: str | None = None):
         import torch
+        from threadpoolctl import threadpool_limits
 
         torch.set_num_threads(threads)
+        threadpool_limits(threads, user_api="blas")  # numpy's BLAS too (the self-join may use it: TileGemm)
         self.run, self.layer, self.metric, self.k, self.device = RunDir(run_path), layer, metric, k, device
         self.release, self.gather = (lambda: None), None
         if base is None:  # ANN: the base streamed from this process's own scratch copy (basefile.py)
@@ -121,21 +123,25 @@ class KnnWorker:
         """Every shard of the layer by the symmetric exact self-join (half the matmul, see
         `vectors.self_join_candidates`); a shard is written as soon as its rows are final.
         Yields each shard's stats (a Ray streaming generator: the driver's progress moves)."""
-        from .vectors import self_join_candidates
+        from .vectors import SYM_COLS, SYM_ROWS, TileGemm, self_join_candidates
 
         n = len(self.ids)
         nid, dist = np.empty((n, self.k), np.int64), np.empty((n, self.k), np.float32)
         pending = sorted(shards, key=lambda s: s[1])
         start = time.perf_counter()
-        for lo, hi, cand in self_join_candidates(self.base_t, self.base_sq, self.k + 1, self.metric):
+        gemm = TileGemm(self.base_t, self.base_sq, self.metric, (SYM_ROWS, SYM_COLS))
+        for lo, hi, cand in self_join_candidates(self.base_t, self.base_sq, self.k + 1, self.metric, gemm=gemm):
             nid[lo:hi], dist[lo:hi] = finish(self.base[lo:hi], self.ids[lo:hi], cand, self.base, self.ids,
                                              self.k, self.metric)
             while pending and pending[0][2] <= hi:
                 index, slo, shi = pending.pop(0)
-                yield self._write(index, slo, nid[slo:shi], dist[slo:shi], record, start)
+                # which BLAS computes the tiles now, and what its trials measured (seconds per tile)
+                extra = {"gemm": gemm.name, "gemm_trials": {n: [round(t, 4) for t in v] for n, v in gemm.seconds.items()}}
+                yield self._write(index, slo, nid[slo:shi], dist[slo:shi], record, start, extra)
                 start = time.perf_counter()
 
-    def _write(self, index: int, lo: int, nid: np.ndarray, dist: np.ndarray, record: dict, start: float) -> dict:
+    def _write(self, index: int, lo: int, nid: np.ndarray, dist: np.ndarray, record: dict, start: float,
+               extra: dict | None = None) -> dict:
         m, k = nid.shape
         table = pa.table({"layer": pa.array([self.layer] * (m * k), pa.string()),
                           "query_id": pa.array(np.repeat(self.ids[lo:lo + m], k)),
@@ -143,7 +149,7 @@ class KnnWorker:
                           "neighbor_id": pa.array(nid.ravel()), "distance": pa.array(dist.ravel())}, schema=KNN_SCHEMA)
         write_table_atomic(self.run.p("knn", layer_dir(self.layer), shard_name(index) + ".parquet"), table)
         stats = {**record, "shard": index, "rows": m * k, "queries": m,
-                 "seconds": round(time.perf_counter() - start, 3)}
+                 "seconds": round(time.perf_counter() - start, 3), **(extra or {})}
         self.run.write_stats(f"knn/{layer_dir(self.layer)}", index, stats)  # last: the shard is complete
         return stats
 
@@ -221,7 +227,10 @@ def knn_layer(run_dir: RunDir, cfg, entry: dict, progress) -> dict:
         else:  # ANN: each actor streams its own scratch copy (N x d never held beside the index)
             ids_ref = base_ref = None
         # a worker killed mid-shard is restarted and the shard retried; shard writes are idempotent
-        cls = ray.remote(max_restarts=-1, max_task_retries=-1, **resources)(KnnWorker)
+        # the environment numpy's BLAS needs to be a candidate for the self-join's tiles (read when
+        # numpy loads: set for the actor's process from its start; merged with a job's runtime_env)
+        env = {"runtime_env": {"env_vars": NUMPY_BLAS_ENV}} if exact and device == "cpu" else {}
+        cls = ray.remote(max_restarts=-1, max_task_retries=-1, **resources, **env)(KnnWorker)
         actors = [cls.remote(run_dir.path, name, ids_ref, base_ref, index_path, metric, k, threads, device,
                              entry["features"]) for _ in range(n_actors)]
         # the self-join computes each pair once for both its sides: only when one actor holds both
@@ -241,6 +250,7 @@ def knn_layer(run_dir: RunDir, cfg, entry: dict, progress) -> dict:
     stats = [read_json(run_dir.stats_path(stage, i)) for i, _, _ in shards] if k > 0 else []
     out = {**record, "shards": len(shards), "redone": len(todo), "rows": sum(s["rows"] for s in stats),
            "queries": n, "seconds": round(sum(s["seconds"] for s in stats), 3), "path": path,
+           "gemm": stats[-1].get("gemm") if path == "symmetric" else None,  # the self-join's BLAS (TileGemm)
            "wall_seconds": round(time.perf_counter() - t0, 3)}
     write_json_atomic(summary_path, out)
     return out

@@ -12,13 +12,15 @@ forms: `exact_candidates` (a block of queries against the whole base: the per-sh
 queries) and `self_join_candidates` (the base against itself, computing only the upper
 triangle of the symmetric score matrix and feeding each tile to both sides: half the matmul).
 For L2 the ranking score is ||b||^2 - 2 q.b per query block (`addmm` fuses the bias add), and
-||a||^2 + ||b||^2 - 2 a.b in the self-join (both sides rank by it); the distances of the k
+||a||^2 + ||b||^2 - 2 a.b in the self-join (both sides rank by it; its tiles go to torch's or
+numpy's BLAS, whichever the first tiles show faster on this machine: `TileGemm`); the distances of the k
 neighbours found are then recomputed directly, which is exact where the expanded form cancels
 badly (a vector against itself). Figures: benchmarks/RESULTS.md, `## knn`.
 """
 from __future__ import annotations
 
 import hashlib
+import time
 
 import numpy as np
 import pyarrow.compute as pc
@@ -33,6 +35,11 @@ Q_BLOCK, B_CHUNK = 2048, 16384  # 2048 x 16384 float32 scores = 128 MB; measured
 # is the same however many rows it spans (4096 x 16384 measured ~5% faster than 2048 x 16384)
 SYM_ROWS, SYM_COLS = 4096, 16384
 GROUP, COL_GROUP = 16, 16  # scores per group in the first stage of member_columns / member_rows
+GEMM_TRIALS = 2  # full-size self-join tiles each BLAS computes before the faster one takes the rest (TileGemm)
+# where numpy's BLAS may compute the self-join's tiles (TileGemm): OpenBLAS's threads then stop
+# spinning at once after a call instead of taking the cores from torch's top-k for ~0.1 s (read
+# when numpy loads, so it is set in the kNN actor's environment from its start)
+NUMPY_BLAS_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}
 
 
 def feature_files(run: RunDir, features: str) -> list[str]:
@@ -301,8 +308,79 @@ def symmetric_scores(base_t, base_sq, lo: int, hi: int, clo: int, chi: int, metr
     return s.add_(base_sq[lo:hi, None])
 
 
+def symmetric_scores_numpy(base: np.ndarray, base_sq: np.ndarray | None, lo: int, hi: int, clo: int, chi: int,
+                           metric: str, out: np.ndarray) -> None:
+    """`symmetric_scores` by numpy's BLAS, into out [hi - lo, chi - clo]: one GEMM with the biases
+    inside it, [-2a, ||a||^2, 1] . [b, 1, ||b||^2] for L2 (two more columns, no pass over the tile
+    after it), -a . b for cosine."""
+    a, b = base[lo:hi], base[clo:chi]
+    if metric == "cosine":
+        np.matmul(-a, b.T, out=out)
+        return
+    d = a.shape[1]
+    ax = np.empty((len(a), d + 2), np.float32)
+    np.multiply(a, -2.0, out=ax[:, :d])
+    ax[:, d], ax[:, d + 1] = base_sq[lo:hi], 1.0
+    bx = np.empty((len(b), d + 2), np.float32)
+    bx[:, :d], bx[:, d], bx[:, d + 1] = b, 1.0, base_sq[clo:chi]
+    np.matmul(ax, bx.T, out=out)
+
+
+class TileGemm:
+    """Computes the self-join's tiles with torch's BLAS or numpy's, whichever is faster here.
+
+    The two are different libraries (torch's x86 wheels carry MKL, numpy's OpenBLAS) and which
+    is faster depends on the CPU: on the AMD EPYC (AVX-512) of 2026-12-04 a 4096 x 16384 x 512
+    tile, biases included, ran at 214-234 GFLOP/s through numpy against 178-189 through torch,
+    where the host of the sessions before had FAISS's OpenBLAS and torch.mm at par. On a CPU
+    the first full-size tiles alternate between the two, each timed with the top-k work that
+    follows it (`tile_done`: OpenBLAS's threads spin after a call and slow what comes next
+    unless OPENBLAS_THREAD_TIMEOUT is small, which is why numpy is a candidate only where it is
+    set, as the kNN actor's environment does: `NUMPY_BLAS_ENV`); the other tiles meanwhile go
+    to torch. After GEMM_TRIALS of each, the faster one (by its best time) computes every tile.
+    On a GPU, torch. The two round differently in the last bit, so of candidates tied to
+    float32 rounding either may be kept; the distances written are recomputed (`finish`).
+    """
+
+    def __init__(self, base_t, base_sq, metric: str, full: tuple[int, int], numpy_blas: bool | None = None):
+        import os
+
+        self.base_t, self.base_sq, self.metric, self.full = base_t, base_sq, metric, full
+        if numpy_blas is None:
+            numpy_blas = base_t.device.type == "cpu" and os.environ.get("OPENBLAS_THREAD_TIMEOUT") == \
+                NUMPY_BLAS_ENV["OPENBLAS_THREAD_TIMEOUT"]
+        self.seconds = {"torch": [], "numpy": []} if numpy_blas else {"torch": []}
+        self.chosen = None if numpy_blas else "torch"
+        self._timing = None  # the BLAS of the tile in progress, while it is a trial
+        if numpy_blas:
+            self.base_np = base_t.numpy()
+            self.sq_np = base_sq.numpy() if base_sq is not None else None
+
+    def scores(self, lo: int, hi: int, clo: int, chi: int, out):
+        trial = self.chosen is None and (hi - lo, chi - clo) == self.full
+        name = self.chosen or (min(self.seconds, key=lambda n: len(self.seconds[n])) if trial else "torch")
+        self._timing = name if trial else None
+        if name == "numpy":
+            symmetric_scores_numpy(self.base_np, self.sq_np, lo, hi, clo, chi, self.metric, out.numpy())
+            return out
+        return symmetric_scores(self.base_t, self.base_sq, lo, hi, clo, chi, self.metric, out)
+
+    def tile_done(self, seconds: float) -> None:
+        """The last tile's time, its scores and top-k together (counted only for a trial)."""
+        if self._timing is not None:
+            self.seconds[self._timing].append(seconds)
+            self._timing = None
+            if all(len(v) >= GEMM_TRIALS for v in self.seconds.values()):
+                self.chosen = min(self.seconds, key=lambda n: min(self.seconds[n]))
+
+    @property
+    def name(self) -> str:
+        """The BLAS computing the tiles now ("torch" until the trials are done)."""
+        return self.chosen or "torch"
+
+
 def self_join_candidates(base_t, base_sq, c: int, metric: str, rows: int | None = None,
-                         cols: int | None = None):
+                         cols: int | None = None, gemm: TileGemm | None = None):
     """Exact self-join by the upper triangle of the score matrix: yields (lo, hi, positions
     [hi - lo, c]) for consecutive row blocks, each row's c best base rows (itself included).
 
@@ -310,7 +388,8 @@ def self_join_candidates(base_t, base_sq, c: int, metric: str, rows: int | None 
     block I's running top-k, its columns (transposed) block J's. Only tiles J >= I are
     computed (half the matmul); row block I's diagonal square updates its rows only (its
     columns are the same pairs). After row block I, block I has seen every pair: it is
-    final and yielded, so results come out progressively, in order.
+    final and yielded, so results come out progressively, in order. gemm: what computes the
+    tiles (default a new `TileGemm`: the faster of torch's and numpy's BLAS).
     """
     import torch
 
@@ -319,12 +398,14 @@ def self_join_candidates(base_t, base_sq, c: int, metric: str, rows: int | None 
     rows, cols = rows or SYM_ROWS, cols or SYM_COLS
     best = RunningTopK(n, c, base_t.device)
     buf = torch.empty(min(n, rows) * min(n, max(rows, cols)), device=base_t.device)  # once per layer
+    gemm = TileGemm(base_t, base_sq, metric, (rows, cols)) if gemm is None else gemm
     with torch.inference_mode():
         for lo in range(0, n, rows):
             hi = min(n, lo + rows)
             for clo, chi in [(lo, hi)] + [(j, min(n, j + cols)) for j in range(hi, n, cols)]:
+                t0 = time.perf_counter()
                 out = buf[: (hi - lo) * (chi - clo)].view(hi - lo, chi - clo)
-                s = symmetric_scores(base_t, base_sq, lo, hi, clo, chi, metric, out)
+                s = gemm.scores(lo, hi, clo, chi, out)
                 at = member_columns(s, c, GROUP, best.worst(lo, hi))
                 if at is not None:
                     best.offer(lo, s.gather(1, at), at + clo)
@@ -332,6 +413,7 @@ def self_join_candidates(base_t, base_sq, c: int, metric: str, rows: int | None 
                     at = member_rows(s, c, COL_GROUP, best.worst(clo, chi))
                     if at is not None:
                         best.offer(clo, s.T.gather(1, at), at + lo)
+                gemm.tile_done(time.perf_counter() - t0)
             yield lo, hi, best.pos[lo:hi].cpu().numpy()
 
 

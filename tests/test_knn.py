@@ -108,20 +108,28 @@ def test_knn_through_ann_index(ray_session, tmp_path, factory, min_recall, metri
     assert (np.diff(dist, axis=1) >= 0).all()  # ranked nearest first
 
 
-def symmetric_self_join(vecs, k, metric):
-    """stages.vectors.self_join_candidates + finish over the whole base, as the stage runs them."""
+def symmetric_self_join(vecs, k, metric, blas=None, mixed=False):
+    """stages.vectors.self_join_candidates + finish over the whole base, as the stage runs them;
+    blas: "torch" or "numpy" computes every full-size tile (default: TileGemm's own choice);
+    mixed: check that both computed tiles (TileGemm's trials ran within this join)."""
     import torch
 
     x = vectors.prepare(vecs, metric)
     ids = np.arange(len(x), dtype=np.int64)
     base_t = torch.from_numpy(x)
+    base_sq = (base_t * base_t).sum(1)
+    gemm = vectors.TileGemm(base_t, base_sq, metric, (vectors.SYM_ROWS, vectors.SYM_COLS), numpy_blas=True)
+    gemm.chosen = blas
     blocks = [vectors.finish(x[lo:hi], ids[lo:hi], cand, x, ids, k, metric)
-              for lo, hi, cand in vectors.self_join_candidates(base_t, (base_t * base_t).sum(1), k + 1, metric)]
+              for lo, hi, cand in vectors.self_join_candidates(base_t, base_sq, k + 1, metric, gemm=gemm)]
+    if mixed:
+        assert all(gemm.seconds.values())
     return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
 
 
-@pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_symmetric_self_join_equals_brute_force_and_per_shard_path(monkeypatch, metric):
+@pytest.mark.parametrize("metric,blas", [("l2", None), ("cosine", None), ("l2", "numpy"), ("cosine", "numpy"),
+                                         ("l2", "torch")])
+def test_symmetric_self_join_equals_brute_force_and_per_shard_path(monkeypatch, metric, blas):
     # small tiles and groups, none dividing N or each other: diagonal squares, partial row blocks and
     # column chunks, both two-stage top-k paths (with their tails) and the plain top-k fallback
     sizes = [("SYM_ROWS", 300), ("SYM_COLS", 470), ("Q_BLOCK", 256), ("B_CHUNK", 390), ("GROUP", 3), ("COL_GROUP", 5)]
@@ -132,7 +140,7 @@ def test_symmetric_self_join_equals_brute_force_and_per_shard_path(monkeypatch, 
     twins = [3, 299, 300, 301, 900, 1336]  # identical vectors across tile edges: ties at distance 0
     vecs[twins] = vecs[3]
     k = 5  # = len(twins) - 1: a twin's neighbours are exactly the other twins
-    nid, dist = symmetric_self_join(vecs, k, metric)
+    nid, dist = symmetric_self_join(vecs, k, metric, blas, mixed=blas is None)
     pos, want = brute_force(vecs, k, metric)
     np.testing.assert_allclose(dist, want, rtol=1e-5, atol=1e-5)
     assert (nid != np.arange(len(vecs))[:, None]).all()
@@ -147,6 +155,57 @@ def test_symmetric_self_join_equals_brute_force_and_per_shard_path(monkeypatch, 
     ref_n, ref_d = vectors.exact_search(x, x, ids, k, metric, query_ids=ids)
     np.testing.assert_array_equal(dist, ref_d)
     np.testing.assert_array_equal(nid[others], ref_n[others])
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_numpy_tile_scores_equal_torch_and_numpy_float64(metric):
+    # the biases folded into numpy's GEMM give torch's symmetric scores, and both the float64 ones
+    import torch
+
+    x = vectors.prepare(np.random.default_rng(8).normal(size=(300, 20)).astype(np.float32) * 3, metric)
+    t = torch.from_numpy(x)
+    sq = (t * t).sum(1)
+    got = np.empty((100, 150), np.float32)
+    vectors.symmetric_scores_numpy(x, sq.numpy(), 50, 150, 120, 270, metric, got)
+    ref = vectors.symmetric_scores(t, sq, 50, 150, 120, 270, metric, torch.empty(100, 150)).numpy()
+    a, b = x[50:150].astype(np.float64), x[120:270].astype(np.float64)
+    exact = -(a @ b.T) if metric == "cosine" else ((a[:, None, :] - b[None]) ** 2).sum(2)
+    np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("slow", ["torch", "numpy"])
+def test_tile_gemm_keeps_the_faster_blas(monkeypatch, slow):
+    # each BLAS computes GEMM_TRIALS full-size tiles in turn, then the faster one all the rest;
+    # tiles of another shape (diagonal squares, the last column chunk) never count
+    import time as _time
+
+    import torch
+
+    calls = {"torch": 0, "numpy": 0}
+    real = {"torch": vectors.symmetric_scores, "numpy": vectors.symmetric_scores_numpy}
+
+    def counted(name):
+        def f(*a):
+            if a[3] - a[2] == 40 and a[5] - a[4] == 60:  # full-size tiles (the others all go to torch)
+                calls[name] += 1
+                if name == slow:
+                    _time.sleep(0.02)
+            return real[name](*a)
+        return f
+
+    monkeypatch.setattr(vectors, "symmetric_scores", counted("torch"))
+    monkeypatch.setattr(vectors, "symmetric_scores_numpy", counted("numpy"))
+    x = np.random.default_rng(9).normal(size=(500, 8)).astype(np.float32)
+    t = torch.from_numpy(x)
+    sq = (t * t).sum(1)
+    gemm = vectors.TileGemm(t, sq, "l2", (40, 60), numpy_blas=True)
+    blocks = list(vectors.self_join_candidates(t, sq, 4, "l2", rows=40, cols=60, gemm=gemm))
+    fast = "numpy" if slow == "torch" else "torch"
+    assert gemm.chosen == fast and gemm.name == fast
+    full = sum(1 for lo in range(0, 500 - 39, 40) for j in range(lo + 40, 500 - 59, 60))
+    assert calls[slow] == vectors.GEMM_TRIALS and calls[fast] == full - vectors.GEMM_TRIALS and full > 30
+    assert np.concatenate([b[2] for b in blocks]).shape == (500, 4)
 
 
 def test_symmetric_self_join_of_a_tiny_base():
