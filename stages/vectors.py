@@ -20,6 +20,7 @@ badly (a vector against itself). Figures: benchmarks/RESULTS.md, `## knn`.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 
 import numpy as np
@@ -353,8 +354,6 @@ class TileGemm:
     """
 
     def __init__(self, base_t, base_sq, metric: str, full: tuple[int, int], numpy_blas: bool | None = None):
-        import os
-
         self.base_t, self.base_sq, self.metric, self.full = base_t, base_sq, metric, full
         if numpy_blas is None:
             numpy_blas = base_t.device.type == "cpu" and os.environ.get("OPENBLAS_THREAD_TIMEOUT") == \
@@ -362,6 +361,7 @@ class TileGemm:
         self.seconds = {"torch": [], "numpy": []} if numpy_blas else {"torch": []}
         self.chosen = None if numpy_blas else "torch"
         self._timing = None  # the BLAS of the tile in progress, while it is a trial
+        self._rows_key = self._rows_side = None  # numpy's side of the current row block (_rows)
         if numpy_blas:
             self.base_np = base_t.numpy()
             self.sq_np = base_sq.numpy() if base_sq is not None else None
@@ -392,7 +392,7 @@ class TileGemm:
 
     def _rows(self, lo: int, hi: int) -> np.ndarray:
         """The row block's side of the numpy GEMM, made once per row block (its tiles share it)."""
-        if getattr(self, "_rows_key", None) != (lo, hi):
+        if self._rows_key != (lo, hi):
             self._rows_key, self._rows_side = (lo, hi), numpy_rows_side(self.base_np, self.sq_np, lo, hi, self.metric)
         return self._rows_side
 
