@@ -159,10 +159,10 @@ def exact_part(a, tmp: str, k: int, out: dict) -> None:
     out.update({"matmul_gflops": round(max(max(r.values()) for r in mm), 1),
                 "matmul_gflops_runs": [{n: round(v, 1) for n, v in r.items()} for r in mm],
                 "faiss_flat_gflops": round(max(flat), 1), "faiss_flat_gflops_runs": [round(r, 1) for r in flat]})
+    summary = json.load(open(run.p("stats", "knn", "emb.json")))  # the stage's layer summary
     out.update({"exact_n": a.n, "exact_dim": a.dim, "exact_seconds": round(wall, 2),
                 "exact_compute_seconds": res["seconds"], "ours_gflops": round(flops / wall / 1e9, 1),
-                "exact_path": json.load(open(run.p("stats", "knn", "emb.json")))["path"],
-                "exact_gemm": json.load(open(run.p("stats", "knn", "emb.json"))).get("gemm")})
+                "exact_path": summary["path"], "exact_gemm": summary.get("gemm")})
     out["vs_faiss_flat"] = round(out["ours_gflops"] / out["faiss_flat_gflops"], 2)
     out["vs_matmul_peak"] = round(out["ours_gflops"] / out["matmul_gflops"], 2)
 

@@ -110,7 +110,7 @@ def test_knn_through_ann_index(ray_session, tmp_path, factory, min_recall, metri
 
 def symmetric_self_join(vecs, k, metric, blas=None, mixed=False):
     """stages.vectors.self_join_candidates + finish over the whole base, as the stage runs them;
-    blas: "torch" or "numpy" computes every full-size tile (default: TileGemm's own choice);
+    blas: "torch" or "numpy" computes every tile (default: TileGemm's trials, then its choice);
     mixed: check that both computed tiles (TileGemm's trials ran within this join)."""
     import torch
 
